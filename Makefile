@@ -1,0 +1,37 @@
+# mreaper: `make run` starts mreaper on its built-in defaults, `make test` runs every test.
+# Both set up .venv (and the Debian packages the tests need) on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint typecheck bench clean deps
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,metrics,bench]'
+	touch $(STAMP)
+
+deps:
+	./scripts/install-deps
+
+run: $(STAMP)
+	$(BIN)/mreaper demo
+
+test: $(STAMP) deps
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/kill_to_free.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,243 @@
+"""Parse /proc: per-process stat, status, cmdline, cgroup; and /proc/meminfo.
+
+Facts only, no policy.  Every reader takes the proc root as an argument so tests
+can point it at a fixture tree.  A process can vanish between any two reads: the
+readers raise `ProcessGone` for that (ENOENT/ESRCH), never a half-filled record.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+PROC = "/proc"
+
+# include/linux/sched.h: set in task->flags for kernel threads.
+PF_KTHREAD = 0x00200000
+
+
+class ProcessGone(Exception):
+    """The process exited (or its /proc entry vanished) while we were reading it."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(f"process {pid} is gone")
+        self.pid = pid
+
+
+class ParseError(ValueError):
+    """A /proc file had content we cannot interpret; names the file and the content."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path = path
+
+
+def _read_bytes(path: str, pid: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(pid) from e
+    except OSError as e:
+        # Reading /proc/<pid>/* of an exiting task can give ESRCH as a plain OSError.
+        if e.errno in (errno.ESRCH, errno.ENOENT):
+            raise ProcessGone(pid) from e
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """The fields of /proc/<pid>/stat that identify and classify a process."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    flags: int
+    starttime: int  # clock ticks since boot: with pid, the process's identity
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
+
+
+def parse_stat(data: bytes, path: str = "stat") -> Stat:
+    """Parse /proc/<pid>/stat.  comm may contain spaces, parentheses and newlines
+    ("foo) Z (bar"), so it is everything between the first '(' and the last ')'."""
+    try:
+        open_paren = data.index(b"(")
+        close_paren = data.rindex(b")")
+    except ValueError:
+        raise ParseError(path, f"no '(comm)' field in {data[:80]!r}") from None
+    try:
+        pid = int(data[:open_paren])
+        rest = data[close_paren + 2:].split()
+        # rest[0] is field 3 (state); field N is rest[N - 3].
+        return Stat(
+            pid=pid,
+            comm=data[open_paren + 1:close_paren].decode("utf-8", "backslashreplace"),
+            state=rest[0].decode("ascii", "replace"),
+            ppid=int(rest[1]),
+            flags=int(rest[6]),
+            starttime=int(rest[19]),
+        )
+    except (ValueError, IndexError):
+        raise ParseError(path, f"unexpected layout: {data[:200]!r}") from None
+
+
+def read_stat(pid: int, proc: str = PROC) -> Stat:
+    path = f"{proc}/{pid}/stat"
+    return parse_stat(_read_bytes(path, pid), path)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What /proc/<pid>/status says a process holds.  Sizes in bytes; a kernel thread
+    or a process past exit_mm has no Vm* lines, which reads as 0."""
+
+    name: str
+    tgid: int
+    uid: int  # real uid
+    vm_rss: int
+    rss_anon: int
+    rss_file: int
+    rss_shmem: int
+    vm_swap: int
+
+
+_STATUS_SIZES = {"VmRSS": "vm_rss", "RssAnon": "rss_anon", "RssFile": "rss_file",
+                 "RssShmem": "rss_shmem", "VmSwap": "vm_swap"}
+
+
+def parse_status(data: bytes, path: str = "status") -> Status:
+    fields: dict[str, int] = dict.fromkeys(_STATUS_SIZES.values(), 0)
+    name = ""
+    tgid = uid = -1
+    for raw in data.split(b"\n"):
+        key, sep, value = raw.partition(b":")
+        if not sep:
+            continue
+        k = key.decode("ascii", "replace")
+        try:
+            if k == "Name":
+                # The kernel escapes '\n' and '\\' in Name, so one line is the whole name.
+                name = value.strip(b"\t ").decode("utf-8", "backslashreplace")
+            elif k == "Tgid":
+                tgid = int(value)
+            elif k == "Uid":
+                uid = int(value.split()[0])
+            elif k in _STATUS_SIZES:
+                number, _, unit = value.strip().partition(b" ")
+                if unit.strip() not in (b"kB", b""):
+                    raise ParseError(path, f"{k}: unit {unit!r}, expected kB")
+                fields[_STATUS_SIZES[k]] = int(number) * 1024
+        except (ValueError, IndexError):
+            raise ParseError(path, f"{k}: cannot parse {value.strip()[:60]!r}") from None
+    if tgid < 0 or uid < 0:
+        raise ParseError(path, "missing Tgid or Uid line")
+    return Status(name=name, tgid=tgid, uid=uid, **fields)
+
+
+def read_status(pid: int, proc: str = PROC) -> Status:
+    path = f"{proc}/{pid}/status"
+    return parse_status(_read_bytes(path, pid), path)
+
+
+def read_cmdline(pid: int, proc: str = PROC) -> tuple[str, ...]:
+    """argv as the process left it (NUL-separated); empty for kernel threads and zombies."""
+    data = _read_bytes(f"{proc}/{pid}/cmdline", pid)
+    if not data:
+        return ()
+    return tuple(a.decode("utf-8", "backslashreplace") for a in data.rstrip(b"\0").split(b"\0"))
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupMembership:
+    """Where a process sits: the cgroup v2 path ("" if none) and v1 memory path ("" if none)."""
+
+    unified: str
+    memory_v1: str
+
+
+def parse_cgroup(data: bytes) -> CgroupMembership:
+    unified = memory_v1 = ""
+    for raw in data.split(b"\n"):
+        parts = raw.split(b":", 2)
+        if len(parts) != 3:
+            continue
+        hid, controllers, path = parts
+        p = path.decode("utf-8", "backslashreplace")
+        if hid == b"0" and controllers == b"":
+            unified = p
+        elif b"memory" in controllers.split(b","):
+            memory_v1 = p
+    return CgroupMembership(unified=unified, memory_v1=memory_v1)
+
+
+def read_cgroup(pid: int, proc: str = PROC) -> CgroupMembership:
+    return parse_cgroup(_read_bytes(f"{proc}/{pid}/cgroup", pid))
+
+
+def read_oom_score(pid: int, proc: str = PROC) -> tuple[int, int]:
+    """(oom_score, oom_score_adj) as the kernel computes them now."""
+    score = _read_bytes(f"{proc}/{pid}/oom_score", pid)
+    adj = _read_bytes(f"{proc}/{pid}/oom_score_adj", pid)
+    try:
+        return int(score), int(adj)
+    except ValueError:
+        raise ParseError(f"{proc}/{pid}/oom_score", f"not an integer: {score[:40]!r}") from None
+
+
+def list_pids(proc: str = PROC) -> list[int]:
+    """Numeric entries of /proc: every thread-group leader visible to us."""
+    return [int(d) for d in os.listdir(proc) if d.isdigit()]
+
+
+# --- /proc/meminfo -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemInfo:
+    """The /proc/meminfo figures the killer decides from, in bytes."""
+
+    mem_total: int
+    mem_free: int
+    mem_available: int
+    swap_total: int
+    swap_free: int
+    anon_pages: int
+    shmem: int
+
+
+_MEMINFO_KEYS = {"MemTotal": "mem_total", "MemFree": "mem_free", "MemAvailable": "mem_available",
+                 "SwapTotal": "swap_total", "SwapFree": "swap_free", "AnonPages": "anon_pages",
+                 "Shmem": "shmem"}
+
+
+def parse_meminfo(data: bytes, path: str = "/proc/meminfo") -> MemInfo:
+    found: dict[str, int] = {}
+    for raw in data.split(b"\n"):
+        key, sep, value = raw.partition(b":")
+        field = _MEMINFO_KEYS.get(key.decode("ascii", "replace"))
+        if not sep or field is None:
+            continue
+        parts = value.split()
+        try:
+            number = int(parts[0])
+        except (ValueError, IndexError):
+            raise ParseError(path, f"{key.decode('ascii', 'replace')}: cannot parse "
+                                   f"{value.strip()[:60]!r}") from None
+        found[field] = number * 1024 if parts[1:] == [b"kB"] else number
+    missing = [k for k, f in _MEMINFO_KEYS.items() if f not in found and k != "Shmem"]
+    if missing:
+        # MemAvailable exists since Linux 3.14; without it we cannot judge headroom.
+        raise ParseError(path, f"missing {', '.join(missing)}")
+    found.setdefault("shmem", 0)
+    return MemInfo(**found)
+
+
+def read_meminfo(proc: str = PROC) -> MemInfo:
+    path = f"{proc}/meminfo"
+    with open(path, "rb") as f:
+        return parse_meminfo(f.read(), path)

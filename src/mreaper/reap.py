@@ -1,0 +1,513 @@
+"""Kill and reap: the pinned victim handle, the kill sequence, the kill report, the reaper pool.
+
+The sequence, in this order and no other (design.md, research/mrelease-facts.md):
+1. pin the victim with a pidfd when it is chosen, and check pid + start time, so a
+   recycled PID is never signalled;
+2. optionally SIGTERM through the pidfd and wait up to a deadline (a time, never a
+   memory level), cut short by an escalation;
+3. SIGKILL through the pidfd;
+4. process_mrelease at once, and only after our SIGKILL: on a live process the
+   kernel answers EINVAL (earlyoom calls it after SIGTERM and logs EINVAL forever);
+5. wait for the exit on the pidfd (poll, no sleep loop), bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import json
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from mreaper.linux import cgroup, procfs
+from mreaper.linux.syscalls import LinuxSyscalls, Syscalls
+
+# --- the victim handle ---------------------------------------------------------------
+
+
+class VictimError(Exception):
+    """The process cannot be taken as a victim; nothing was signalled."""
+
+
+class VictimGone(VictimError):
+    """The process no longer exists."""
+
+
+class VictimRecycled(VictimError):
+    """The PID now belongs to another process than the one chosen."""
+
+
+class VictimRefused(VictimError):
+    """The process must never be killed by us (pid 1, kernel thread, ourselves...)."""
+
+
+class VictimForbidden(VictimError):
+    """We lack the permission to signal it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Holdings:
+    """What the victim held just before the kill, from /proc/<pid>/status, in bytes."""
+
+    vm_rss: int
+    rss_anon: int
+    rss_file: int
+    rss_shmem: int
+    vm_swap: int
+
+
+def refusal(stat: procfs.Stat, tgid: int | None = None) -> str | None:
+    """Why `stat`'s process must never be a victim, or None.  Pure: the invariant
+    lives in one place, used by the engine, `mreaper kill` and the policy."""
+    if stat.pid == 1:
+        return "it is PID 1 (init): killing it panics the kernel"
+    if stat.is_kernel_thread or stat.pid == 2 or stat.ppid == 2:
+        return "it is a kernel thread"
+    if stat.pid == os.getpid():
+        return "it is mreaper itself"
+    if stat.pid == os.getppid():
+        return "it is mreaper's parent"
+    if tgid is not None and tgid != stat.pid:
+        return f"it is a thread of process {tgid}, not a process"
+    return None
+
+
+class Victim:
+    """A process pinned by a pidfd, identity-checked, with what it holds.
+
+    Open it when the victim is chosen, before any signal: from then on every signal
+    goes through the pidfd, which keeps referring to this very process even if its
+    PID number is reused after it dies.
+    """
+
+    def __init__(self, *, pid: int, pidfd: int, stat: procfs.Stat, status: procfs.Status,
+                 cmdline: tuple[str, ...], cgroups: procfs.CgroupMembership,
+                 charge_file: str | None) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.starttime = stat.starttime
+        self.name = status.name or stat.comm
+        self.uid = status.uid
+        self.cmdline = cmdline
+        self.cgroups = cgroups
+        self.charge_file = charge_file
+        self.holdings = Holdings(status.vm_rss, status.rss_anon, status.rss_file,
+                                 status.rss_shmem, status.vm_swap)
+        self._closed = False
+
+    @classmethod
+    def open(cls, pid: int, *, starttime: int | None = None, proc: str = procfs.PROC,
+             syscalls: Syscalls | None = None, mounts: cgroup.Mounts | None = None) -> Victim:
+        """Pin `pid`.  `starttime` is the identity seen at selection time: if the PID now
+        belongs to another process, VictimRecycled is raised and nothing is signalled."""
+        sc = syscalls or LinuxSyscalls()
+        try:
+            before = procfs.read_stat(pid, proc)
+        except procfs.ProcessGone:
+            raise VictimGone(f"no process with PID {pid}") from None
+        if starttime is not None and before.starttime != starttime:
+            raise VictimRecycled(f"PID {pid} was reused: start time {before.starttime}, "
+                                 f"chosen process had {starttime}")
+        reason = refusal(before)
+        if reason:
+            raise VictimRefused(f"refusing PID {pid} ({before.comm}): {reason}")
+        try:
+            pidfd = sc.pidfd_open(pid, 0)
+        except ProcessLookupError:
+            raise VictimGone(f"no process with PID {pid}") from None
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # a non-leader thread id without PIDFD_THREAD
+                raise VictimRefused(f"refusing PID {pid}: it is a thread, not a process") from None
+            raise
+        try:
+            # Identity after pinning: the process with this start time was alive when
+            # chosen and is alive now, so it was alive in between: the pidfd is its.
+            after = procfs.read_stat(pid, proc)
+            if after.starttime != before.starttime:
+                raise VictimRecycled(f"PID {pid} was reused while it was being pinned")
+            status = procfs.read_status(pid, proc)
+            reason = refusal(after, status.tgid)
+            if reason:
+                raise VictimRefused(f"refusing PID {pid} ({status.name}): {reason}")
+            try:
+                sc.pidfd_send_signal(pidfd, 0)  # permission check; sends nothing
+            except PermissionError:
+                raise VictimForbidden(f"permission denied to signal PID {pid} ({status.name}, "
+                                      f"uid {status.uid}): run as root or as its owner") from None
+            except ProcessLookupError:
+                raise VictimGone(f"PID {pid} exited") from None
+            cmdline = procfs.read_cmdline(pid, proc)
+            groups = procfs.read_cgroup(pid, proc)
+        except procfs.ProcessGone:
+            os.close(pidfd)
+            raise VictimGone(f"PID {pid} exited while being pinned") from None
+        except BaseException:
+            os.close(pidfd)
+            raise
+        if mounts is None:
+            with contextlib.suppress(OSError):
+                mounts = cgroup.find_mounts()
+        charge = cgroup.memory_charge_file(groups, mounts) if mounts else None
+        return cls(pid=pid, pidfd=pidfd, stat=after, status=status, cmdline=cmdline,
+                   cgroups=groups, charge_file=charge)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.pidfd)
+
+    def __enter__(self) -> Victim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Victim(pid={self.pid}, name={self.name!r}, rss={self.holdings.vm_rss})"
+
+
+# --- escalation: cut a SIGTERM grace period short ------------------------------------
+
+
+class Escalation:
+    """Set from any thread to end a SIGTERM grace period at once (memory fell to the
+    kill level meanwhile).  An eventfd, so the engine can poll it next to the pidfd."""
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def set(self) -> None:
+        os.eventfd_write(self._fd, 1)
+
+    def is_set(self) -> bool:
+        r, _, _ = select.select([self._fd], [], [], 0)
+        return bool(r)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+# --- the kill report -------------------------------------------------------------------
+
+
+class Mrelease(enum.Enum):
+    """What process_mrelease did, from the errno it gave (see the seed patch)."""
+
+    REAPED = "reaped"                  # 0: we freed the address space ourselves
+    EXITED_FIRST = "exited-first"      # ESRCH: the victim passed exit_mm; its exit freed it
+    SHARED_MM = "shared-mm"            # EINVAL after SIGKILL: mm shared with a live process
+    #                                    (CLONE_VM) or a core dump runs; memory stays until then
+    RETRIES_EXHAUSTED = "retries-exhausted"  # EAGAIN/EINTR every time
+    UNSUPPORTED = "unsupported"        # ENOSYS: old kernel or seccomp; the exit path frees
+    FAILED = "failed"                  # anything else (EBADF...): a bug of ours, logged
+    NOT_CALLED = "not-called"          # exited on SIGTERM, dry run, or disabled
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSent:
+    name: str
+    at_s: float  # seconds since the kill sequence began
+
+
+@dataclass(frozen=True)
+class KillReport:
+    """Everything needed to judge one kill afterwards."""
+
+    pid: int
+    starttime: int
+    name: str
+    cmdline: tuple[str, ...]
+    uid: int
+    cgroup: str
+    memcg: str
+    holdings: Holdings
+    reason: str
+    wall_time: float                 # time.time() when the sequence began
+    signals: tuple[SignalSent, ...]
+    mrelease: Mrelease
+    mrelease_errno: str              # "0", "ESRCH", ... or "" when not called
+    mrelease_attempts: int
+    mrelease_s: float | None         # duration of the call(s)
+    kill_to_free_s: float | None     # SIGKILL -> address space released (None: not seen)
+    kill_to_exit_s: float | None     # SIGKILL -> pidfd readable (process exited)
+    exited: bool
+    freed_bytes: int | None          # as measured, never assumed
+    freed_source: str                # "memcg <file>" or "MemAvailable"
+    demoted: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["mrelease"] = self.mrelease.value
+        d["cmdline"] = list(self.cmdline)
+        d["signals"] = [asdict(s) for s in self.signals]
+        d["notes"] = list(self.notes)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def human(self) -> str:
+        h = self.holdings
+        sigs = "+".join(s.name for s in self.signals) or "no signal"
+        line = (f"killed {self.pid} {self.name!r} (uid {self.uid}; rss {fmt_bytes(h.vm_rss)}: "
+                f"anon {fmt_bytes(h.rss_anon)}, file {fmt_bytes(h.rss_file)}, shmem "
+                f"{fmt_bytes(h.rss_shmem)}; swap {fmt_bytes(h.vm_swap)}) with {sigs}")
+        if self.reason:
+            line += f" [{self.reason}]"
+        if self.mrelease is not Mrelease.NOT_CALLED:
+            line += (f"; process_mrelease {self.mrelease.value} ({self.mrelease_errno})"
+                     f" in {fmt_ms(self.mrelease_s)}")
+        line += (f"; memory back {fmt_ms(self.kill_to_free_s)}, exit {fmt_ms(self.kill_to_exit_s)}"
+                 " after SIGKILL")
+        if self.freed_bytes is not None:
+            line += f"; freed {fmt_bytes(self.freed_bytes)} ({self.freed_source})"
+        for note in self.notes:
+            line += f"; {note}"
+        return line
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def fmt_ms(s: float | None) -> str:
+    return "?" if s is None else f"{s * 1000:.1f} ms"
+
+
+# --- the kill sequence ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KillOptions:
+    term_timeout: float = 0.0     # > 0: SIGTERM first, SIGKILL when this many seconds pass
+    exit_timeout: float = 10.0    # how long to wait for the exit after SIGKILL
+    mrelease: bool = True         # False: plain SIGKILL (the baseline, or ENOSYS kernels)
+    retries: int = 8              # process_mrelease attempts on EAGAIN/EINTR
+    demote: bool = False          # SCHED_IDLE + nice 19 on the victim just before SIGKILL
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.term_timeout <= 3600:
+            raise ValueError(f"term_timeout {self.term_timeout!r}: must be 0..3600 seconds")
+        if not 0 < self.exit_timeout <= 3600:
+            raise ValueError(f"exit_timeout {self.exit_timeout!r}: must be > 0 and <= 3600 s")
+        if not 1 <= self.retries <= 1000:
+            raise ValueError(f"retries {self.retries!r}: must be 1..1000")
+
+
+_MRELEASE_BY_ERRNO = {
+    errno.ESRCH: Mrelease.EXITED_FIRST,
+    errno.EINVAL: Mrelease.SHARED_MM,
+    errno.ENOSYS: Mrelease.UNSUPPORTED,
+}
+
+
+def _wait_readable(fds: list[int], timeout_s: float) -> int | None:
+    """Poll `fds` for input up to `timeout_s`; return the first readable fd or None."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        try:
+            events = poller.poll(max(1, int(remaining * 1000 + 0.999)))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+            continue
+        if events:
+            return events[0][0]
+
+
+def _demote(pid: int) -> bool:
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, pid, 19)
+    except OSError:
+        return False
+    return True
+
+
+def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reason: str = "",
+                  syscalls: Syscalls | None = None, escalation: Escalation | None = None,
+                  meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo) -> KillReport:
+    """Run the kill sequence on a pinned victim and measure what came back."""
+    sc = syscalls or LinuxSyscalls()
+    notes: list[str] = []
+    signals: list[SignalSent] = []
+    charge_before = cgroup.read_charge(victim.charge_file) if victim.charge_file else None
+    avail_before = _mem_available(meminfo)
+    wall = time.time()
+    t0 = time.monotonic()
+    exit_at: float | None = None
+
+    def send(sig: signal.Signals) -> bool:
+        try:
+            sc.pidfd_send_signal(victim.pidfd, sig)
+        except ProcessLookupError:
+            notes.append(f"{sig.name}: already exited")
+            return False
+        signals.append(SignalSent(sig.name, time.monotonic() - t0))
+        return True
+
+    if options.term_timeout > 0 and send(signal.SIGTERM):
+        fds = [victim.pidfd] + ([escalation.fileno()] if escalation else [])
+        woke = _wait_readable(fds, options.term_timeout)
+        if woke == victim.pidfd:
+            exit_at = time.monotonic()
+            notes.append("exited on SIGTERM")
+        elif woke is not None:
+            notes.append("SIGTERM grace period cut short: escalated")
+        else:
+            notes.append(f"ignored SIGTERM for {options.term_timeout:g} s")
+
+    kill_at: float | None = None
+    outcome, err_name, attempts, mrelease_s, free_at = Mrelease.NOT_CALLED, "", 0, None, None
+    demoted = False
+    if exit_at is None:
+        if options.demote:
+            demoted = _demote(victim.pid)
+        if send(signal.SIGKILL):
+            kill_at = time.monotonic()
+            if options.mrelease:
+                outcome, err_name, attempts, mrelease_s, free_at = _mrelease(sc, victim.pidfd,
+                                                                             options.retries)
+        else:
+            exit_at = time.monotonic()
+    if exit_at is None:
+        remaining = options.exit_timeout - (time.monotonic() - (kill_at or t0))
+        if _wait_readable([victim.pidfd], max(remaining, 0.001)) is not None:
+            exit_at = time.monotonic()
+        else:
+            notes.append(f"still not exited {options.exit_timeout:g} s after SIGKILL")
+
+    if outcome is Mrelease.SHARED_MM:
+        notes.append("address space shared with a live process (CLONE_VM) or a core dump "
+                     "in progress: freed only when that ends")
+    elif free_at is None and exit_at is not None:
+        free_at = exit_at  # exit_mm ran before the exit was signalled on the pidfd
+    ref = kill_at if kill_at is not None else t0
+
+    freed, source = _measure_freed(victim, charge_before, avail_before, meminfo)
+    return KillReport(
+        pid=victim.pid, starttime=victim.starttime, name=victim.name, cmdline=victim.cmdline,
+        uid=victim.uid, cgroup=victim.cgroups.unified, memcg=victim.cgroups.memory_v1,
+        holdings=victim.holdings, reason=reason, wall_time=wall, signals=tuple(signals),
+        mrelease=outcome, mrelease_errno=err_name, mrelease_attempts=attempts,
+        mrelease_s=mrelease_s,
+        kill_to_free_s=None if free_at is None else max(free_at - ref, 0.0),
+        kill_to_exit_s=None if exit_at is None else max(exit_at - ref, 0.0),
+        exited=exit_at is not None, freed_bytes=freed, freed_source=source,
+        demoted=demoted, notes=tuple(notes),
+    )
+
+
+def _mrelease(sc: Syscalls, pidfd: int,
+              retries: int) -> tuple[Mrelease, str, int, float, float | None]:
+    """Call process_mrelease until it gives a final answer.  Returns (outcome, errno
+    name, attempts, seconds spent, monotonic time the memory was known released)."""
+    start = time.monotonic()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            sc.process_mrelease(pidfd, 0)
+        except OSError as e:
+            num = e.errno or 0
+            name = errno.errorcode.get(num, str(num))
+            now = time.monotonic()
+            if num in (errno.EAGAIN, errno.EINTR):
+                if attempts < retries:
+                    os.sched_yield()
+                    continue
+                return Mrelease.RETRIES_EXHAUSTED, name, attempts, now - start, None
+            outcome = _MRELEASE_BY_ERRNO.get(num, Mrelease.FAILED)
+            # ESRCH: find_lock_task_mm found no thread with an mm, i.e. exit_mm (and the
+            # mmput that frees the pages) is done, or the mm is marked MMF_OOM_SKIP after
+            # a reap: either way the memory is already released.
+            free_at = now if outcome is Mrelease.EXITED_FIRST else None
+            return outcome, name, attempts, now - start, free_at
+        now = time.monotonic()
+        return Mrelease.REAPED, "0", attempts, now - start, now
+
+
+def _mem_available(meminfo: Callable[[], procfs.MemInfo]) -> int | None:
+    try:
+        return meminfo().mem_available
+    except (OSError, procfs.ParseError):
+        return None
+
+
+def _measure_freed(victim: Victim, charge_before: int | None, avail_before: int | None,
+                   meminfo: Callable[[], procfs.MemInfo]) -> tuple[int | None, str]:
+    if victim.charge_file and charge_before is not None:
+        after = cgroup.read_charge(victim.charge_file)
+        if after is not None:
+            return charge_before - after, f"memcg {victim.charge_file}"
+    after_avail = _mem_available(meminfo)
+    if avail_before is not None and after_avail is not None:
+        return after_avail - avail_before, "MemAvailable"
+    return None, "unmeasured"
+
+
+# --- the reaper pool ---------------------------------------------------------------------
+
+
+class ReaperPool:
+    """A few threads that kill and reap, so the caller never blocks in a syscall and
+    several victims are reaped on several CPUs at once (lmkd's design)."""
+
+    def __init__(self, workers: int = 2, *, syscalls: Syscalls | None = None) -> None:
+        if not 1 <= workers <= 64:
+            raise ValueError(f"reaper workers {workers!r}: must be 1..64")
+        self.workers = workers
+        self._syscalls = syscalls or LinuxSyscalls()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mreaper-reaper")
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, victim: Victim, options: KillOptions = KillOptions(), *, reason: str = "",
+               escalation: Escalation | None = None) -> Future[KillReport]:
+        """Hand over a pinned victim; the pool owns its pidfd from now on and closes it."""
+        with self._lock:
+            if self._closed:
+                victim.close()
+                raise RuntimeError("reaper pool is shut down")
+            return self._pool.submit(self._run, victim, options, reason, escalation)
+
+    def _run(self, victim: Victim, options: KillOptions, reason: str,
+             escalation: Escalation | None) -> KillReport:
+        try:
+            return kill_and_reap(victim, options, reason=reason, syscalls=self._syscalls,
+                                 escalation=escalation)
+        finally:
+            victim.close()
+
+    def shutdown(self, wait: bool = True) -> None:
+        with self._lock:
+            self._closed = True
+        self._pool.shutdown(wait=wait)
+
+    def __enter__(self) -> ReaperPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
