@@ -17,7 +17,7 @@ deps:
 	./scripts/install-deps
 
 run: $(STAMP)
-	$(BIN)/mreaper demo
+	$(BIN)/mreaper run
 
 test: $(STAMP) deps
 	$(BIN)/ruff check src tests bench

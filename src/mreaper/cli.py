@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from mreaper import __version__
+from mreaper import __version__, config
 from mreaper.reap import (
     KillOptions,
     Victim,
@@ -48,11 +50,114 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-mrelease", action="store_true",
                    help="plain SIGKILL without process_mrelease (for comparison)")
 
+    for name, helptext in (("run", "run the daemon"),
+                           ("config", "print the effective configuration as TOML"),
+                           ("explain", "rank the processes as the daemon would, with reasons")):
+        c = sub.add_parser(name, help=helptext)
+        _add_config_flags(c)
+        if name == "explain":
+            c.add_argument("--all", action="store_true", help="list every process, not the top 20")
+        if name == "run":
+            c.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
+
     d = sub.add_parser("demo", help="show plain SIGKILL against kill-and-reap on a starved hog")
     d.add_argument("--size", type=int, default=256, metavar="MIB",
                    help="memory the hog allocates, in MiB (default 256)")
     d.add_argument("--json", action="store_true", help="print both kill reports as JSON")
     return p
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """The common settings as flags; they override the file, and are validated by the
+    same code with the same messages (origin "command line")."""
+    p.add_argument("--config", metavar="PATH",
+                   help=f"TOML configuration file (default {config.DEFAULT_PATH}, if present)")
+    p.add_argument("--dry-run", action="store_true", default=None,
+                   help="do everything but the signal; log what would be killed")
+    p.add_argument("--reapers", type=int, metavar="N", help="reaper threads (1-16)")
+    p.add_argument("--term-timeout", type=float, metavar="S",
+                   help="at the term level: SIGTERM, then SIGKILL after S seconds")
+    for section in ("memory", "swap"):
+        for level in config.LEVELS:
+            p.add_argument(f"--{section}-{level}", metavar="LEVEL", dest=f"{section}_{level}",
+                           help=f"{section} {level} level: a percentage, a size, or both "
+                                "comma-separated (the lower wins), or off")
+    for level in config.LEVELS:
+        p.add_argument(f"--psi-{level}", metavar="TRIGGER", dest=f"psi_{level}",
+                       help=f'PSI trigger for the {level} level: "some|full STALL_US WINDOW_US" '
+                            "or off")
+    p.add_argument("--when", metavar="EXPR", help='how sources combine: e.g. "memory & swap | psi"')
+    p.add_argument("--sort-by", metavar="KEY", help="oom_score or rss")
+    p.add_argument("--min-rss", metavar="SIZE", help="never kill a process smaller than this")
+    for action in ("prefer", "avoid", "protect"):
+        p.add_argument(f"--{action}", metavar="REGEX", action="append", default=[],
+                       help=f"{action} processes whose name matches (repeatable)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+
+    def put(section: str, key: str, value: object) -> None:
+        if value is not None:
+            data.setdefault(section, {})[key] = value
+
+    put("daemon", "dry_run", args.dry_run)
+    put("daemon", "reapers", args.reapers)
+    put("kill", "term_timeout", args.term_timeout)
+    put("kill", "sort_by", args.sort_by)
+    put("kill", "min_rss", args.min_rss)
+    put("detect", "when", args.when)
+    for section in ("memory", "swap"):
+        for level in config.LEVELS:
+            value = getattr(args, f"{section}_{level}")
+            if value is not None:
+                parts = [v.strip() for v in value.split(",")]
+                put(section, level, parts if len(parts) > 1 else parts[0])
+    for level in config.LEVELS:
+        put("psi", level, getattr(args, f"psi_{level}"))
+    rules = [{"action": action, "name": regex}
+             for action in ("prefer", "avoid", "protect") for regex in getattr(args, action)]
+    if rules:
+        data["rule"] = rules
+    return data
+
+
+def load_config(args: argparse.Namespace) -> config.Config:
+    """The file (if any), then the flags.  Flag rules are added after the file's."""
+    cfg = config.load(args.config, required=args.config is not None)
+    overrides = _overrides(args)
+    if not overrides:
+        return cfg
+    file_rules, file_origin = cfg.rules, cfg.origin
+    cfg = config.apply(cfg, overrides, "command line")
+    rules = file_rules + cfg.rules if "rule" in overrides else cfg.rules
+    return dataclasses.replace(cfg, rules=rules, origin=f"{file_origin} + command line")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mreaper.daemon import Daemon, setup_logging
+
+    cfg = load_config(args)
+    setup_logging(cfg.log, args.verbose)
+    daemon = Daemon(cfg, reload=lambda: load_config(args))
+    return daemon.run()
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(config.to_toml(load_config(args)), end="")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from mreaper import policy
+
+    cfg = load_config(args)
+    candidates, warnings = policy.scan()
+    for w in warnings:
+        print(f"mreaper explain: warning: {w}", file=sys.stderr)
+    ranked = policy.rank(candidates, cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss)
+    print(policy.explain_table(ranked, limit=None if args.all else 20))
+    return 0
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
@@ -74,8 +179,13 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "kill":
-        return cmd_kill(args)
+    commands = {"kill": cmd_kill, "run": cmd_run, "config": cmd_config, "explain": cmd_explain}
+    if args.command in commands:
+        try:
+            return commands[args.command](args)
+        except config.ConfigError as e:
+            print(f"mreaper {args.command}: {e}", file=sys.stderr)
+            return EXIT_USAGE
     if args.command == "demo":
         from mreaper.demo import run_demo
 

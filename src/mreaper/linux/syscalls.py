@@ -235,7 +235,7 @@ def _probe_errnos() -> tuple[int, int]:
     """Call both syscalls with an invalid fd: EBADF means present, ENOSYS absent."""
     results = []
     for name in ("pidfd_send_signal", "process_mrelease"):
-        args = [ctypes.c_long(_NR[name]), ctypes.c_int(-1)]
+        args: list[object] = [ctypes.c_long(_NR[name]), ctypes.c_int(-1)]
         if name == "pidfd_send_signal":
             args += [ctypes.c_int(0), ctypes.c_void_p(None), ctypes.c_uint(0)]
         else:
@@ -289,6 +289,7 @@ def _probe_in_child() -> tuple[int, int, str]:
     if os.WIFSIGNALED(status):
         import signal
 
-        return errno.ENOSYS, errno.ENOSYS, f"probe child died of {signal.Signals(os.WTERMSIG(status)).name}"
+        name = signal.Signals(os.WTERMSIG(status)).name
+        return errno.ENOSYS, errno.ENOSYS, f"probe child died of {name}"
     a, b = (int(x) for x in data.split())
     return a, b, ""

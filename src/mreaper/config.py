@@ -1,0 +1,552 @@
+"""Configuration: built-in defaults, the TOML file, CLI overrides, and exact validation.
+
+Every bad value is a `ConfigError` naming the file, the key, the value and what is
+allowed; the daemon refuses to start on one and keeps its running configuration on
+a bad reload.  Nothing falls back to a default silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import pwd
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mreaper.policy import Action, Rule, SortBy
+
+DEFAULT_PATH = "/etc/mreaper/mreaper.toml"
+LEVELS = ("warn", "term", "kill")
+SOURCES = ("memory", "swap", "psi")
+
+
+class ConfigError(ValueError):
+    """A configuration value we refuse, with where it came from."""
+
+    def __init__(self, origin: str, key: str, value: object, allowed: str) -> None:
+        super().__init__(f"{origin}: {key} = {value!r}: {allowed}")
+        self.origin, self.key, self.value, self.allowed = origin, key, value, allowed
+
+
+# --- value types -----------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+SIZE_HELP = ("a size like \"512M\", \"2G\", \"1.5GiB\" or a number of bytes "
+             "(binary units K, M, G, T)")
+
+
+def parse_size(value: object, origin: str, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(origin, key, value, SIZE_HELP)
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(origin, key, value, "a size must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    raise ConfigError(origin, key, value, SIZE_HELP)
+
+
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    """One bound: a percentage of the total, or an absolute size."""
+
+    percent: float | None = None
+    size: int | None = None
+
+    def bytes_of(self, total: int) -> int:
+        if self.percent is not None:
+            return int(total * self.percent / 100)
+        assert self.size is not None
+        return self.size
+
+    def __str__(self) -> str:
+        if self.percent is not None:
+            return f"{self.percent:g}%"
+        return str(self.size)
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """A level given as one or more thresholds; the lowest wins (earlyoom's -m/-M rule).
+    An empty level is off."""
+
+    thresholds: tuple[Threshold, ...] = ()
+
+    def bytes_of(self, total: int) -> int | None:
+        if not self.thresholds:
+            return None
+        return min(t.bytes_of(total) for t in self.thresholds)
+
+    def to_toml(self) -> object:
+        items: list[object] = [t.size if t.size is not None else str(t) for t in self.thresholds]
+        return items[0] if len(items) == 1 else items
+
+
+LEVEL_HELP = ("a percentage like \"5%\" (0-100), " + SIZE_HELP +
+              ", a list of both (the lower wins), or \"off\"")
+
+
+def parse_level(value: object, origin: str, key: str) -> Level:
+    if value in ("off", []):
+        return Level()
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, str) and item.strip().endswith("%"):
+            try:
+                pct = float(item.strip()[:-1])
+            except ValueError:
+                raise ConfigError(origin, key, value, LEVEL_HELP) from None
+            if not 0 <= pct <= 100:
+                raise ConfigError(origin, key, value, "a percentage must be within 0-100%")
+            out.append(Threshold(percent=pct))
+        elif isinstance(item, list):
+            raise ConfigError(origin, key, value, LEVEL_HELP)
+        else:
+            try:
+                out.append(Threshold(size=parse_size(item, origin, key)))
+            except ConfigError:
+                raise ConfigError(origin, key, value, LEVEL_HELP) from None
+    return Level(tuple(out))
+
+
+@dataclass(frozen=True, slots=True)
+class PsiTrigger:
+    """A kernel PSI trigger: "<some|full> <stall_us> <window_us>"."""
+
+    kind: str
+    stall_us: int
+    window_us: int
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.stall_us} {self.window_us}"
+
+
+PSI_HELP = ("\"some|full <stall_us> <window_us>\" with the window 500000-10000000 us "
+            "and 0 < stall <= window (e.g. \"full 300000 1000000\"), or \"off\"")
+
+
+def parse_psi(value: object, origin: str, key: str) -> PsiTrigger | None:
+    if value == "off":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(origin, key, value, PSI_HELP)
+    parts = value.split()
+    if len(parts) != 3 or parts[0] not in ("some", "full") or not all(
+            p.isdigit() for p in parts[1:]):
+        raise ConfigError(origin, key, value, PSI_HELP)
+    stall, window = int(parts[1]), int(parts[2])
+    # kernel/sched/psi.c psi_trigger_create: window 500ms..10s, 0 < threshold <= window.
+    if not 500_000 <= window <= 10_000_000 or not 0 < stall <= window:
+        raise ConfigError(origin, key, value, PSI_HELP)
+    return PsiTrigger(parts[0], stall, window)
+
+
+# --- the "when" expression: how sources combine ---------------------------------------
+
+WHEN_HELP = ("an expression over memory, swap and psi with & (and), | (or) and parentheses, "
+             "e.g. \"memory & swap | psi\"; or \"any\" / \"all\" of the three")
+_TOKEN = re.compile(r"\s*(?:(memory|swap|psi)|(&)|(\|)|(\()|(\)))")
+
+When = tuple[tuple[str, ...], ...]  # disjunctive normal form: OR of ANDs of source names
+
+
+def parse_when(value: object, origin: str, key: str) -> When:
+    """Parse into disjunctive normal form; '&' binds tighter than '|'."""
+    if value == "any":
+        return tuple((s,) for s in SOURCES)
+    if value == "all":
+        return (SOURCES,)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(origin, key, value, WHEN_HELP)
+    tokens: list[str] = []
+    pos = 0
+    text = value.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:
+            raise ConfigError(origin, key, value, WHEN_HELP)
+        tokens.append(m.group(m.lastindex or 0))
+        pos = m.end()
+    result, rest = _parse_or(tokens, origin, key, value)
+    if rest:
+        raise ConfigError(origin, key, value, WHEN_HELP)
+    return result
+
+
+def _parse_or(tokens: list[str], origin: str, key: str, value: object) -> tuple[When, list[str]]:
+    terms, rest = _parse_and(tokens, origin, key, value)
+    while rest and rest[0] == "|":
+        more, rest = _parse_and(rest[1:], origin, key, value)
+        terms = terms + more
+    return terms, rest
+
+
+def _parse_and(tokens: list[str], origin: str, key: str, value: object) -> tuple[When, list[str]]:
+    terms, rest = _parse_atom(tokens, origin, key, value)
+    while rest and rest[0] == "&":
+        right, rest = _parse_atom(rest[1:], origin, key, value)
+        terms = tuple(tuple(dict.fromkeys(a + b)) for a in terms for b in right)
+    return terms, rest
+
+
+def _parse_atom(tokens: list[str], origin: str, key: str, value: object) -> tuple[When, list[str]]:
+    if not tokens:
+        raise ConfigError(origin, key, value, WHEN_HELP)
+    if tokens[0] in SOURCES:
+        return ((tokens[0],),), tokens[1:]
+    if tokens[0] == "(":
+        inner, rest = _parse_or(tokens[1:], origin, key, value)
+        if not rest or rest[0] != ")":
+            raise ConfigError(origin, key, value, WHEN_HELP)
+        return inner, rest[1:]
+    raise ConfigError(origin, key, value, WHEN_HELP)
+
+
+def format_when(when: When) -> str:
+    return " | ".join(" & ".join(term) for term in when)
+
+
+# --- the configuration ------------------------------------------------------------------
+
+
+def _default_rules() -> tuple[Rule, ...]:
+    return ()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration (defaults serve a desktop or a small server)."""
+
+    # [daemon]
+    dry_run: bool = False
+    reapers: int = 2
+    mlockall: bool = True
+    oom_score_adj: int = -1000
+    nice: int = -10
+    realtime: bool = False
+    log: str = "auto"
+    recovery_timeout: float = 5.0
+    # [detect]
+    when: When = (("memory", "swap"), ("psi",))
+    poll_min: float = 0.01
+    poll_max: float = 1.0
+    scan_interval: float = 5.0
+    # [memory] [swap] (MemAvailable / SwapFree against MemTotal / SwapTotal)
+    memory: Mapping[str, Level] = field(default_factory=lambda: {
+        "warn": Level((Threshold(percent=10.0),)),
+        "term": Level((Threshold(percent=5.0),)),
+        "kill": Level((Threshold(percent=2.5),)),
+    })
+    swap: Mapping[str, Level] = field(default_factory=lambda: {
+        "warn": Level((Threshold(percent=10.0),)),
+        "term": Level((Threshold(percent=5.0),)),
+        "kill": Level((Threshold(percent=2.5),)),
+    })
+    # [psi]: kernel triggers on /proc/pressure/memory
+    psi: Mapping[str, PsiTrigger | None] = field(default_factory=lambda: {
+        "warn": PsiTrigger("some", 150_000, 1_000_000),
+        "term": None,
+        "kill": PsiTrigger("full", 400_000, 1_000_000),
+    })
+    # [kill]
+    term_timeout: float = 5.0
+    sort_by: SortBy = SortBy.OOM_SCORE
+    min_rss: int = 0
+    mrelease: bool = True
+    demote: bool = False
+    # [[rule]]
+    rules: tuple[Rule, ...] = field(default_factory=_default_rules)
+    origin: str = "built-in defaults"
+
+
+_LOGS = ("auto", "plain", "journal")
+
+
+def _check_type(origin: str, key: str, value: object, kind: type | tuple[type, ...],
+                allowed: str) -> None:
+    if isinstance(value, bool) and kind is not bool and bool not in (
+            kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(origin, key, value, allowed)
+    if not isinstance(value, kind):
+        raise ConfigError(origin, key, value, allowed)
+
+
+def _number(origin: str, key: str, value: object, lo: float, hi: float, *,
+            unit: str = "seconds") -> float:
+    allowed = f"a number of {unit} from {lo:g} to {hi:g}"
+    _check_type(origin, key, value, (int, float), allowed)
+    assert isinstance(value, int | float)
+    if not lo <= value <= hi:
+        raise ConfigError(origin, key, value, allowed)
+    return float(value)
+
+
+def _integer(origin: str, key: str, value: object, lo: int, hi: int) -> int:
+    allowed = f"an integer from {lo} to {hi}"
+    _check_type(origin, key, value, int, allowed)
+    assert isinstance(value, int)
+    if not lo <= value <= hi:
+        raise ConfigError(origin, key, value, allowed)
+    return value
+
+
+def _bool(origin: str, key: str, value: object) -> bool:
+    _check_type(origin, key, value, bool, "true or false")
+    assert isinstance(value, bool)
+    return value
+
+
+def _choice(origin: str, key: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(origin, key, value, "one of " + ", ".join(f'"{c}"' for c in choices))
+    assert isinstance(value, str)
+    return value
+
+
+_DAEMON_KEYS = ("dry_run", "reapers", "mlockall", "oom_score_adj", "nice", "realtime", "log",
+                "recovery_timeout")
+_DETECT_KEYS = ("when", "poll_min", "poll_max", "scan_interval")
+_KILL_KEYS = ("term_timeout", "sort_by", "min_rss", "mrelease", "demote")
+_RULE_KEYS = ("action", "name", "cmdline", "exe", "cgroup", "user", "adjust")
+_SECTIONS = ("daemon", "detect", "memory", "swap", "psi", "kill", "rule")
+
+
+def _unknown(origin: str, where: str, table: Mapping[str, object], known: tuple[str, ...]) -> None:
+    for key in table:
+        if key not in known:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(origin, f"{prefix}{key}", table[key],
+                              "unknown key; known here: " + ", ".join(known))
+
+
+def _table(origin: str, data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(origin, name, value, "a table ([" + name + "])")
+    return value
+
+
+def apply(base: Config, data: Mapping[str, Any], origin: str) -> Config:
+    """Overlay a parsed TOML document (or CLI overrides in the same shape) on `base`."""
+    _unknown(origin, "", data, _SECTIONS)
+    changes: dict[str, Any] = {"origin": origin}
+    d = _table(origin, data, "daemon")
+    _unknown(origin, "daemon", d, _DAEMON_KEYS)
+    for key in ("dry_run", "mlockall", "realtime"):
+        if key in d:
+            changes[key] = _bool(origin, f"daemon.{key}", d[key])
+    if "reapers" in d:
+        changes["reapers"] = _integer(origin, "daemon.reapers", d["reapers"], 1, 16)
+    if "oom_score_adj" in d:
+        changes["oom_score_adj"] = _integer(origin, "daemon.oom_score_adj", d["oom_score_adj"],
+                                            -1000, 1000)
+    if "nice" in d:
+        changes["nice"] = _integer(origin, "daemon.nice", d["nice"], -20, 19)
+    if "log" in d:
+        changes["log"] = _choice(origin, "daemon.log", d["log"], _LOGS)
+    if "recovery_timeout" in d:
+        changes["recovery_timeout"] = _number(origin, "daemon.recovery_timeout",
+                                              d["recovery_timeout"], 0.1, 120)
+
+    t = _table(origin, data, "detect")
+    _unknown(origin, "detect", t, _DETECT_KEYS)
+    if "when" in t:
+        changes["when"] = parse_when(t["when"], origin, "detect.when")
+    for key, lo, hi in (("poll_min", 0.001, 1.0), ("poll_max", 0.01, 10.0),
+                        ("scan_interval", 0.1, 600.0)):
+        if key in t:
+            changes[key] = _number(origin, f"detect.{key}", t[key], lo, hi)
+
+    for section in ("memory", "swap"):
+        s = _table(origin, data, section)
+        _unknown(origin, section, s, LEVELS)
+        if s:
+            levels = dict(getattr(base, section))
+            for lvl in LEVELS:
+                if lvl in s:
+                    levels[lvl] = parse_level(s[lvl], origin, f"{section}.{lvl}")
+            changes[section] = levels
+    p = _table(origin, data, "psi")
+    _unknown(origin, "psi", p, LEVELS)
+    if p:
+        triggers = dict(base.psi)
+        for lvl in LEVELS:
+            if lvl in p:
+                triggers[lvl] = parse_psi(p[lvl], origin, f"psi.{lvl}")
+        changes["psi"] = triggers
+
+    k = _table(origin, data, "kill")
+    _unknown(origin, "kill", k, _KILL_KEYS)
+    if "term_timeout" in k:
+        changes["term_timeout"] = _number(origin, "kill.term_timeout", k["term_timeout"],
+                                          0, 3600)
+    if "sort_by" in k:
+        changes["sort_by"] = SortBy(_choice(origin, "kill.sort_by", k["sort_by"],
+                                            tuple(s.value for s in SortBy)))
+    if "min_rss" in k:
+        changes["min_rss"] = parse_size(k["min_rss"], origin, "kill.min_rss")
+    for key in ("mrelease", "demote"):
+        if key in k:
+            changes[key] = _bool(origin, f"kill.{key}", k[key])
+
+    if "rule" in data:
+        rules = data["rule"]
+        if not isinstance(rules, list):
+            raise ConfigError(origin, "rule", rules, "an array of tables ([[rule]])")
+        changes["rules"] = tuple(_rule(origin, i, r) for i, r in enumerate(rules, 1))
+
+    cfg = dataclasses.replace(base, **changes)
+    _check_coherence(cfg)
+    return cfg
+
+
+def _regex(origin: str, key: str, value: object) -> re.Pattern[str]:
+    _check_type(origin, key, value, str, "a regular expression (string)")
+    assert isinstance(value, str)
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise ConfigError(origin, key, value, f"not a valid regular expression: {e}") from None
+
+
+def _uid(origin: str, key: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
+        return value
+    if isinstance(value, str):
+        try:
+            return pwd.getpwnam(value).pw_uid
+        except KeyError:
+            raise ConfigError(origin, key, value, "no such user on this system") from None
+    raise ConfigError(origin, key, value, "a user name or a numeric uid")
+
+
+def _rule(origin: str, index: int, r: object) -> Rule:
+    where = f"rule[{index}]"
+    if not isinstance(r, dict):
+        raise ConfigError(origin, where, r, "a table with action and at least one matcher")
+    _unknown(origin, where, r, _RULE_KEYS)
+    if "action" not in r:
+        raise ConfigError(origin, f"{where}.action", None,
+                          "required: one of \"prefer\", \"avoid\", \"protect\"")
+    action = Action(_choice(origin, f"{where}.action", r["action"],
+                            tuple(a.value for a in Action)))
+    matchers: dict[str, Any] = {}
+    for key in ("name", "cmdline", "exe", "cgroup"):
+        if key in r:
+            matchers[key] = _regex(origin, f"{where}.{key}", r[key])
+    if "user" in r:
+        matchers["uid"] = _uid(origin, f"{where}.user", r["user"])
+    if not matchers:
+        raise ConfigError(origin, where, r,
+                          "needs at least one matcher: name, cmdline, exe, cgroup or user")
+    adjust = 0
+    if "adjust" in r:
+        if action is Action.PROTECT:
+            raise ConfigError(origin, f"{where}.adjust", r["adjust"],
+                              "a protect rule takes no adjust: protected processes are never "
+                              "killed")
+        adjust = _integer(origin, f"{where}.adjust", r["adjust"], -100_000, 100_000)
+    shown = " ".join(f"{k}={v!r}" for k, v in r.items() if k not in ("action", "adjust"))
+    return Rule(action=action, adjust=adjust, label=f"rule {index} ({action.value} {shown})",
+                **matchers)
+
+
+def _check_coherence(cfg: Config) -> None:
+    origin = cfg.origin
+    if cfg.poll_min > cfg.poll_max:
+        raise ConfigError(origin, "detect.poll_min", cfg.poll_min,
+                          f"must not exceed detect.poll_max ({cfg.poll_max:g})")
+    for section in ("memory", "swap"):
+        levels: Mapping[str, Level] = getattr(cfg, section)
+        # Compare on a nominal total: a level given as % and one as size can only be
+        # ordered at run time, and then only the lower counts.
+        for total in (1 << 30, 1 << 40):
+            values = [(lvl, levels[lvl].bytes_of(total)) for lvl in LEVELS]
+            present = [(lvl, v) for lvl, v in values if v is not None]
+            for (hi_name, hi), (lo_name, lo) in itertools.pairwise(present):
+                if lo > hi:
+                    raise ConfigError(origin, f"{section}.{lo_name}", levels[lo_name].to_toml(),
+                                      f"must be at or below {section}.{hi_name} "
+                                      f"({levels[hi_name].to_toml()!r})")
+
+
+def load(path: str | None, *, required: bool) -> Config:
+    """Defaults overlaid with the file at `path`.  A missing default file is fine (the
+    built-in defaults serve); a missing file the user named is an error."""
+    target = path or DEFAULT_PATH
+    try:
+        with open(target, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(target, "--config", target, "no such file") from None
+        return Config()
+    except PermissionError:
+        raise ConfigError(target, "--config", target, "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(target, "--config", target, "is a directory, not a file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(target, "(syntax)", str(e), "valid TOML") from None
+    return apply(Config(), data, target)
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective configuration as a TOML document `load` accepts back."""
+    out = [f"# effective configuration (from {cfg.origin})", "", "[daemon]"]
+
+    def line(key: str, value: object) -> None:
+        out.append(f"{key} = {_toml_value(value)}")
+
+    for key in _DAEMON_KEYS:
+        line(key, getattr(cfg, key))
+    out += ["", "[detect]"]
+    line("when", format_when(cfg.when))
+    for key in ("poll_min", "poll_max", "scan_interval"):
+        line(key, getattr(cfg, key))
+    for section in ("memory", "swap"):
+        out += ["", f"[{section}]"]
+        levels: Mapping[str, Level] = getattr(cfg, section)
+        for lvl in LEVELS:
+            line(lvl, levels[lvl].to_toml() if levels[lvl].thresholds else "off")
+    out += ["", "[psi]"]
+    for lvl in LEVELS:
+        trig = cfg.psi[lvl]
+        line(lvl, str(trig) if trig else "off")
+    out += ["", "[kill]"]
+    line("term_timeout", cfg.term_timeout)
+    line("sort_by", cfg.sort_by.value)
+    line("min_rss", cfg.min_rss)
+    line("mrelease", cfg.mrelease)
+    line("demote", cfg.demote)
+    for rule in cfg.rules:
+        out += ["", "[[rule]]"]
+        line("action", rule.action.value)
+        for key in ("name", "cmdline", "exe", "cgroup"):
+            pat = getattr(rule, key)
+            if pat is not None:
+                line(key, pat.pattern)
+        if rule.uid is not None:
+            line("user", rule.uid)
+        if rule.adjust:
+            line("adjust", rule.adjust)
+    return "\n".join(out) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

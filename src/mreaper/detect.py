@@ -1,0 +1,207 @@
+"""Detection: from memory facts and PSI events to a pressure verdict (none, warn, term, kill).
+
+The assessment and the polling interval are pure functions of snapshots; the only I/O
+here is `PsiMonitor`, which owns the kernel PSI trigger file descriptors (or, where
+the kernel refuses triggers, reads the averages instead and says so once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mreaper.config import LEVELS, Config, Level, PsiTrigger
+from mreaper.linux.procfs import MemInfo
+
+
+class Severity(enum.IntEnum):
+    NONE = 0
+    WARN = 1
+    TERM = 2
+    KILL = 3
+
+
+SEVERITY_OF = {"warn": Severity.WARN, "term": Severity.TERM, "kill": Severity.KILL}
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    severity: Severity
+    reason: str  # which sources held, with their figures, e.g. "MemAvailable 1.1 GiB <= 1.2 GiB"
+
+
+def source_states(cfg: Config, mem: MemInfo, psi_active: Mapping[str, bool],
+                  level: str) -> dict[str, tuple[bool, str]]:
+    """For one level: whether each source holds, and why, in words.
+
+    A level that is off never holds.  With no swap configured (SwapTotal 0) the swap
+    source holds: there is nothing to fall back on, so it must not veto a kill."""
+    out: dict[str, tuple[bool, str]] = {}
+    out["memory"] = _level_state("MemAvailable", mem.mem_available, mem.mem_total,
+                                 cfg.memory[level])
+    if mem.swap_total == 0:
+        out["swap"] = (True, "no swap")
+    else:
+        out["swap"] = _level_state("SwapFree", mem.swap_free, mem.swap_total, cfg.swap[level])
+    trig = cfg.psi[level]
+    if trig is None:
+        out["psi"] = (False, "psi off")
+    else:
+        out["psi"] = (psi_active.get(level, False), f"PSI {trig}")
+    return out
+
+
+def _level_state(label: str, value: int, total: int, level: Level) -> tuple[bool, str]:
+    limit = level.bytes_of(total)
+    if limit is None:
+        return False, f"{label} level off"
+    return value <= limit, f"{label} {_mib(value)} {'<=' if value <= limit else '>'} {_mib(limit)}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+def assess(cfg: Config, mem: MemInfo, psi_active: Mapping[str, bool]) -> Verdict:
+    """The highest level whose `when` expression holds (pure)."""
+    for level in reversed(LEVELS):
+        states = source_states(cfg, mem, psi_active, level)
+        for term in cfg.when:
+            if all(states[s][0] for s in term):
+                reason = ", ".join(states[s][1] for s in term)
+                return Verdict(SEVERITY_OF[level], f"{level}: {reason}")
+    return Verdict(Severity.NONE, "")
+
+
+def next_interval(cfg: Config, mem: MemInfo, fall_rate: float) -> float:
+    """Seconds until the next look at /proc/meminfo: the time memory would take to fall
+    to the nearest action level, halved, at the faster of the observed fall rate and
+    an assumed burst rate, clamped to [poll_min, poll_max] (pure)."""
+    limits = [lvl.bytes_of(mem.mem_total) for lvl in (cfg.memory["term"], cfg.memory["kill"])]
+    target = max((x for x in limits if x is not None), default=None)
+    if target is None:
+        return cfg.poll_max
+    headroom = mem.mem_available - target
+    if headroom <= 0:
+        return cfg.poll_min
+    # A process can fault in anonymous memory at several GiB/s; earlyoom assumes 6 GB/s.
+    rate = max(fall_rate, ASSUMED_FILL_RATE)
+    return min(max(headroom / rate / 2, cfg.poll_min), cfg.poll_max)
+
+
+ASSUMED_FILL_RATE = 4.0 * (1 << 30)  # bytes/s
+
+
+class FallRate:
+    """Exponentially weighted rate at which MemAvailable falls (bytes/s, >= 0)."""
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        self.alpha = alpha
+        self.rate = 0.0
+        self._last: tuple[float, int] | None = None
+
+    def update(self, now: float, available: int) -> float:
+        if self._last is not None:
+            t, a = self._last
+            dt = now - t
+            if dt > 0:
+                sample = max((a - available) / dt, 0.0)
+                self.rate = self.alpha * sample + (1 - self.alpha) * self.rate
+        self._last = (now, available)
+        return self.rate
+
+
+# --- PSI ------------------------------------------------------------------------------
+
+
+class PsiMonitor:
+    """Kernel PSI triggers on a pressure file, one per configured level.
+
+    Writing "some|full <stall_us> <window_us>" to /proc/pressure/memory (or a cgroup's
+    memory.pressure) arms a trigger; poll() then reports POLLPRI when the stall in a
+    window exceeds the threshold, and nothing while the machine is calm
+    (Documentation/accounting/psi.rst).  A level is active for one window after its
+    trigger fired.  Where triggers are refused (no PSI, old kernel, permissions), the
+    monitor falls back to comparing the avg10 figure on each look.
+    """
+
+    def __init__(self, triggers: Mapping[str, PsiTrigger | None],
+                 path: str = "/proc/pressure/memory") -> None:
+        self.path = path
+        self.triggers = {lvl: t for lvl, t in triggers.items() if t is not None}
+        self.fds: dict[int, str] = {}
+        self.fired: dict[str, float] = {}
+        self.fallback: str | None = None  # why triggers are not used, if they are not
+        self._averages: dict[str, float] = {}
+        for level, trig in self.triggers.items():
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                self._fall_back(f"cannot open {path}: {e.strerror}")
+                break
+            try:
+                os.write(fd, str(trig).encode() + b"\0")
+            except OSError as e:
+                os.close(fd)
+                why = {errno.EINVAL: "trigger refused (EINVAL)",
+                       errno.EPERM: "not permitted", errno.EOPNOTSUPP: "PSI disabled"}
+                self._fall_back(f"{path}: {why.get(e.errno or 0, e.strerror)}")
+                break
+            self.fds[fd] = level
+
+    def _fall_back(self, why: str) -> None:
+        self.fallback = why
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    def on_event(self, fd: int, revents: int, now: float) -> None:
+        level = self.fds.get(fd)
+        if level is not None and revents & _POLLPRI:
+            self.fired[level] = now
+
+    def refresh_averages(self) -> None:
+        """Fallback only: read avg10 of 'some' and 'full' from the pressure file."""
+        if self.fallback is None:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                self._averages = parse_pressure(f.read())
+        except (OSError, ValueError):
+            self._averages = {}
+
+    def active(self, now: float) -> dict[str, bool]:
+        out = {}
+        for level, trig in self.triggers.items():
+            if self.fallback is None:
+                at = self.fired.get(level)
+                out[level] = at is not None and now - at <= trig.window_us / 1e6
+            else:
+                avg = self._averages.get(trig.kind)
+                out[level] = avg is not None and avg >= 100.0 * trig.stall_us / trig.window_us
+        return out
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+
+_POLLPRI = 0x002
+
+
+def parse_pressure(data: bytes) -> dict[str, float]:
+    """{'some': avg10, 'full': avg10} from a PSI file ('full' may be absent)."""
+    out = {}
+    for line in data.decode("ascii", "replace").splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("some", "full"):
+            for p in parts[1:]:
+                if p.startswith("avg10="):
+                    out[parts[0]] = float(p[6:])
+    return out
