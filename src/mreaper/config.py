@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mreaper.policy import Action, Rule, SortBy
+from mreaper.reap import fmt_bytes
 
 DEFAULT_PATH = "/etc/mreaper/mreaper.toml"
 LEVELS = ("warn", "term", "kill")
@@ -83,6 +84,13 @@ class Level:
         if not self.thresholds:
             return None
         return min(t.bytes_of(total) for t in self.thresholds)
+
+    def describe(self) -> str:
+        """For logs: "10%", "1.5 GiB", "min(5%, 1.0 GiB)", or "off"."""
+        if not self.thresholds:
+            return "off"
+        parts = [str(t) if t.size is None else fmt_bytes(t.size) for t in self.thresholds]
+        return parts[0] if len(parts) == 1 else f"min({', '.join(parts)})"
 
     def to_toml(self) -> object:
         items: list[object] = [t.size if t.size is not None else str(t) for t in self.thresholds]

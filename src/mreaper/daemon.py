@@ -39,6 +39,8 @@ from mreaper.reap import (
 
 log = logging.getLogger("mreaper")
 
+EPISODE_CALM = 2.0  # seconds without any level held before an episode is over
+
 
 # --- logging ---------------------------------------------------------------------------
 
@@ -197,6 +199,8 @@ class Daemon:
         self._settle: tuple[float, int] | None = None  # (deadline, MemAvailable to reach)
         self._dry_run_quiet_until = 0.0
         self._warned = False
+        self._episode_since: float | None = None
+        self._episode_last = 0.0
 
     # -- signals: recorded by the handler, handled in the loop
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -248,14 +252,13 @@ class Daemon:
         poller.register(self._wake_r, select.POLLIN)
         for fd in psi.fds:
             poller.register(fd, select.POLLPRI)
-        episode: Severity = Severity.NONE
         while not self._stop:
             now = time.monotonic()
             mem = self.meminfo()
             rate.update(now, mem.mem_available)
             psi.refresh_averages()
             verdict = assess(self.cfg, mem, psi.active(now))
-            episode = self._log_episode(episode, verdict)
+            self._log_episode(verdict, now)
             cache.set_urgent(verdict.severity >= Severity.WARN)
             self._collect(pool)
             if self._inflight and verdict.severity == Severity.KILL:
@@ -263,6 +266,8 @@ class Daemon:
             if verdict.severity >= Severity.TERM and self._ready(mem):
                 self._act(verdict, now, pool, cache, psi)
             timeout = next_interval(self.cfg, mem, rate.rate)
+            if self._episode_since is not None:
+                timeout = min(timeout, EPISODE_CALM)
             if self._inflight or self._settle:
                 timeout = min(timeout, 0.05)
             for fd, revents in poller.poll(timeout * 1000):
@@ -273,13 +278,18 @@ class Daemon:
                     psi.on_event(fd, revents, time.monotonic())
             self._handle_signals(psi, poller, cache)
 
-    def _log_episode(self, episode: Severity, verdict: Verdict) -> Severity:
-        if verdict.severity >= Severity.WARN and episode == Severity.NONE:
-            log.warning("pressure: %s", verdict.reason)
-        elif verdict.severity == Severity.NONE and episode != Severity.NONE:
-            log.info("pressure over")
-        return Severity.NONE if verdict.severity == Severity.NONE else max(episode,
-                                                                            verdict.severity)
+    def _log_episode(self, verdict: Verdict, now: float) -> None:
+        """One line when an episode starts (its first level) and one when it ends; an
+        episode ends only after EPISODE_CALM seconds without any level held, so a
+        reading that hovers at a level does not flood the log."""
+        if verdict.severity >= Severity.WARN:
+            if self._episode_since is None:
+                log.warning("pressure: %s", verdict.reason)
+                self._episode_since = now
+            self._episode_last = now
+        elif self._episode_since is not None and now - self._episode_last >= EPISODE_CALM:
+            log.info("pressure over after %.1f s", self._episode_last - self._episode_since)
+            self._episode_since = None
 
     def _ready(self, mem: procfs.MemInfo) -> bool:
         """No kill in flight, and the last kill's recovery has shown (or timed out)."""
@@ -399,8 +409,7 @@ def describe(cfg: Config) -> str:
     """One line with what the daemon watches."""
     def levels(section: str) -> str:
         lv = getattr(cfg, section)
-        return "/".join(str(lv[x].to_toml()) if lv[x].thresholds else "off"
-                        for x in config_mod.LEVELS)
+        return "/".join(lv[x].describe() for x in config_mod.LEVELS)
 
     psi = "/".join(str(cfg.psi[x]) if cfg.psi[x] else "off" for x in config_mod.LEVELS)
     return (f"when {config_mod.format_when(cfg.when)}; memory warn/term/kill {levels('memory')}; "

@@ -119,33 +119,49 @@ def _v2_has_memory(unified: str) -> bool:
 # says "ready" and waits for a signal.  SIGTERM is ignored when asked, for the
 # "victim ignores SIGTERM" cases.
 _HOG = r"""
-import os, signal, sys, threading
+import os, signal, sys, threading, time
 procs, size, threads, ignore_term = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+name, step, interval = sys.argv[5], int(sys.argv[6]), float(sys.argv[7])
 if procs:
     with open(procs, "w") as f:
         f.write(str(os.getpid()))
+if name:
+    with open("/proc/self/comm", "w") as f:
+        f.write(name)
 if ignore_term == "1":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-block = bytearray(b"\x01") * size
 for _ in range(threads):
     threading.Thread(target=threading.Event().wait, daemon=True).start()
-sys.stdout.write("ready\n")
-sys.stdout.flush()
+if step:
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    blocks = []
+    while len(blocks) * step < size:
+        blocks.append(bytearray(b"\x01") * step)
+        time.sleep(interval)
+else:
+    block = bytearray(b"\x01") * size
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
 while True:
     signal.pause()
 """
 
 
 class Hog:
-    """A running hog process (a Popen with its cgroup)."""
+    """A running hog process (a Popen with its cgroup).
+
+    `name` sets its comm (what rules match on); with `step`, it says "ready" at once
+    and then grows by `step` bytes every `interval` seconds up to `size` (a leak)."""
 
     def __init__(self, size: int, memcg: MemoryCgroup | None = None, *, threads: int = 0,
-                 ignore_sigterm: bool = False, ready_timeout: float = 60.0) -> None:
+                 ignore_sigterm: bool = False, name: str = "", step: int = 0,
+                 interval: float = 0.05, ready_timeout: float = 60.0) -> None:
         self.size = size
         self.memcg = memcg
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _HOG, memcg.procs_file if memcg else "", str(size),
-             str(threads), "1" if ignore_sigterm else "0"],
+             str(threads), "1" if ignore_sigterm else "0", name, str(step), str(interval)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True)
         assert self.proc.stdout is not None
         line = _readline_with_timeout(self.proc, ready_timeout)

@@ -1,0 +1,164 @@
+"""End to end: `mreaper run` on this host against real, bounded leaks.
+
+No risk to the host: the kill level is an absolute size set a few hundred MiB under
+the MemAvailable measured at the start of each test, and every hog lives in a memory
+cgroup whose limit stops it long before the machine runs short.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mreaper.hogs import GiB, MiB, Hog, MemoryCgroup
+from mreaper.linux.procfs import read_meminfo
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: memory cgroups")
+
+
+class DaemonProcess:
+    """`mreaper run` as a child, its stderr collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "mreaper.cli", "run", *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._q: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.wait_for(r"running")
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._q.put(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        for line in self.lines:
+            if m := rx.search(line):
+                return m
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self._q.get(timeout=remaining)
+            except queue.Empty:
+                break
+            self.lines.append(line)
+            if m := rx.search(line):
+                return m
+        raise AssertionError(f"no log line matching {pattern!r} within {timeout} s; "
+                             f"log so far:\n" + "\n".join(self.lines))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        while not self._q.empty():
+            self.lines.append(self._q.get())
+        return rc
+
+
+@pytest.fixture
+def memcgs() -> Iterator[list[MemoryCgroup]]:
+    made: list[MemoryCgroup] = []
+    yield made
+    for cg in made:
+        cg.remove()
+
+
+def _levels(headroom: int) -> list[str]:
+    """Absolute levels just under the MemAvailable of now: warn at -headroom/2,
+    kill at -headroom, term off (straight to SIGKILL), PSI off."""
+    avail = read_meminfo().mem_available
+    kill = avail - headroom
+    return ["--memory-warn", f"{(avail - headroom // 2) // MiB}M", "--memory-term", "off",
+            "--memory-kill", f"{kill // MiB}M", "--psi-warn", "off", "--psi-kill", "off"]
+
+
+def _alive(hog: Hog) -> bool:
+    return hog.proc.poll() is None
+
+
+def test_leak_killed_protected_and_avoided_survive(memcgs: list[MemoryCgroup]) -> None:
+    for _ in range(3):
+        memcgs.append(MemoryCgroup.create(limit=2 * GiB))
+    protected = Hog(1200 * MiB, memcgs[0], name="mr-protected")
+    avoided = Hog(900 * MiB, memcgs[1], name="mr-avoided")
+    daemon = DaemonProcess(*_levels(400 * MiB), "--protect", "^mr-protected$",
+                           "--avoid", "^mr-avoided$")
+    try:
+        leak = Hog(1500 * MiB, memcgs[2], name="mr-leak", step=32 * MiB, interval=0.05)
+        rc = leak.proc.wait(timeout=60)
+        m = daemon.wait_for(rf"killed {leak.pid} 'mr-leak'.*process_mrelease (\S+)")
+        assert rc == -signal.SIGKILL
+        assert m.group(1) in ("reaped", "exited-first")
+        assert memcgs[2].usage() < 50 * MiB  # the leak's memory really came back
+        assert _alive(protected) and _alive(avoided)
+        assert not any("killed" in line and "mr-protected" in line for line in daemon.lines)
+    finally:
+        assert daemon.stop() == 0
+        for h in (protected, avoided):
+            h.kill()
+
+
+def test_dry_run_kills_nothing(memcgs: list[MemoryCgroup]) -> None:
+    memcgs.append(MemoryCgroup.create(limit=1 * GiB))
+    daemon = DaemonProcess(*_levels(300 * MiB), "--dry-run", "--prefer", "^mr-leak$")
+    try:
+        leak = Hog(600 * MiB, memcgs[0], name="mr-leak", step=32 * MiB, interval=0.02)
+        daemon.wait_for(rf"dry run: would kill {leak.pid} 'mr-leak'")
+        time.sleep(0.5)
+        assert _alive(leak)
+        assert not any(line.startswith("killed") or " killed " in line for line in daemon.lines)
+        leak.kill()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_sighup_reload_keeps_running_config_on_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "mreaper.toml"
+    cfg.write_text("[daemon]\nreapers = 2\n")
+    daemon = DaemonProcess("--config", str(cfg), "--psi-warn", "off", "--psi-kill", "off")
+    try:
+        cfg.write_text("[daemon]\nreapers = 99\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        m = daemon.wait_for(r"reload refused, keeping the running configuration: (.*)")
+        assert m.group(1) == f"{cfg}: daemon.reapers = 99: an integer from 1 to 16"
+        assert daemon.proc.poll() is None
+        cfg.write_text("[memory]\nwarn = \"20%\"\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for(r"configuration reloaded from .*memory warn/term/kill 20%/5%/2.5%")
+    finally:
+        assert daemon.stop() == 0
+    assert any("got SIGTERM, stopping" in line for line in daemon.lines)
+
+
+def test_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[memory]\nkill = \"50%\"\nterm = \"10%\"\n")
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        out = subprocess.run([sys.executable, "-m", "mreaper.cli", "run", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2
+        assert out.stderr.strip() == (f"mreaper run: {cfg}: memory.kill = '50%': must be at or "
+                                      "below memory.term ('10%')")
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
