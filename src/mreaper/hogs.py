@@ -52,7 +52,11 @@ class MemoryCgroup:
             raise CgroupUnavailable(f"cannot create {path}: {e.strerror}") from e
         cg = cls(path, version)
         if limit is not None:
-            cg.set_limit(limit)
+            try:
+                cg.set_limit(limit)
+            except BaseException:
+                cg.remove()
+                raise
         return cg
 
     def _file(self, v1: str, v2: str) -> str:
@@ -119,7 +123,12 @@ def _v2_has_memory(unified: str) -> bool:
 # says "ready" and waits for a signal.  SIGTERM is ignored when asked, for the
 # "victim ignores SIGTERM" cases.
 _HOG = r"""
-import os, signal, sys, threading, time
+import ctypes, os, signal, sys, threading, time
+# Die with the parent (PR_SET_PDEATHSIG = 1): a test or demo killed outright must not
+# leave a hog paused for ever in a cgroup.
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+if os.getppid() == 1:
+    sys.exit(1)
 procs, size, threads, ignore_term = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 name, step, interval = sys.argv[5], int(sys.argv[6]), float(sys.argv[7])
 if procs:
@@ -164,7 +173,11 @@ class Hog:
              str(threads), "1" if ignore_sigterm else "0", name, str(step), str(interval)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True)
         assert self.proc.stdout is not None
-        line = _readline_with_timeout(self.proc, ready_timeout)
+        try:
+            line = _readline_with_timeout(self.proc, ready_timeout)
+        except BaseException:
+            self.kill()
+            raise
         if line != b"ready\n":
             self.proc.kill()
             self.proc.wait()
