@@ -1,0 +1,353 @@
+"""Choose the victim: snapshot the candidates from /proc, apply prefer/avoid/protect rules, rank.
+
+Two halves.  `scan` is the only I/O: one cheap pass over /proc that keeps every process
+that may ever be a victim, as frozen `Candidate` facts.  `rank`, `choose` and
+`explain_table` are pure: the same candidates and rules always give the same order, so
+`mreaper explain` shows exactly what the daemon would decide, and tests need no /proc.
+
+The score starts from the kernel's own oom_score (or the RSS in MiB) and every matching
+prefer/avoid rule moves it; a protect rule, oom_score_adj -1000, a minimum RSS or a
+cgroup scope take a process out of the running, and say why.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mreaper import reap
+from mreaper.linux import procfs
+
+MiB = 1 << 20
+
+OOM_SCORE_ADJ_MIN = -1000  # include/uapi/linux/oom.h: the kernel's "never kill this" too
+
+DEFAULT_ADJUST = 300  # prefer +300, avoid -300: oom_score units, or MiB in RSS mode
+
+
+# --- the facts -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A snapshot of one process that may be killed: facts only, no judgement.
+
+    `name` is the kernel's comm as /proc/<pid>/status shows it (the kernel escapes a
+    newline there as the two characters backslash-n); bytes that are not UTF-8 appear
+    as \\xNN escapes, in the name, the cmdline, the exe path and the cgroup path alike.
+    """
+
+    pid: int
+    starttime: int              # clock ticks since boot: with pid, the process's identity
+    name: str
+    cmdline: tuple[str, ...]
+    exe: str                    # readlink /proc/<pid>/exe; "" when unreadable
+    uid: int                    # real uid
+    cgroup: str                 # cgroup v2 path from /proc/<pid>/cgroup; "" when none
+    rss: int                    # bytes (VmRSS)
+    swap: int                   # bytes (VmSwap)
+    oom_score: int
+    oom_score_adj: int
+
+
+# --- the rules ---------------------------------------------------------------------------
+
+
+class Action(enum.Enum):
+    """What a matching rule does to a process."""
+
+    PREFER = "prefer"    # raise its score: kill it sooner
+    AVOID = "avoid"      # lower its score: kill it later
+    PROTECT = "protect"  # never kill it
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One prefer/avoid/protect rule.  It matches a process when ALL of its given
+    matchers match: patterns with `re.search` on the name, the cmdline joined by spaces,
+    the exe path and the cgroup v2 path; `uid` by equality."""
+
+    action: Action
+    name: re.Pattern[str] | None = None
+    cmdline: re.Pattern[str] | None = None
+    exe: re.Pattern[str] | None = None
+    cgroup: re.Pattern[str] | None = None
+    uid: int | None = None
+    adjust: int = 0   # 0: the action's default (prefer +300, avoid -300); ignored for protect
+    label: str = ""   # how explain names it; "" lets rank() say 'rule N (avoid name=...)'
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.action, Action):
+            raise ValueError(f"rule action {self.action!r}: must be one of "
+                             f"{', '.join(a.value for a in Action)}")
+        for field_name in ("name", "cmdline", "exe", "cgroup"):
+            value = getattr(self, field_name)
+            if value is not None and not isinstance(value, re.Pattern):
+                raise ValueError(f"rule {field_name}={value!r}: must be a compiled regular "
+                                 "expression")
+        if self.uid is not None and (isinstance(self.uid, bool) or not isinstance(self.uid, int)
+                                     or self.uid < 0):
+            raise ValueError(f"rule uid={self.uid!r}: must be a user ID (an integer >= 0)")
+        if isinstance(self.adjust, bool) or not isinstance(self.adjust, int):
+            raise ValueError(f"rule adjust={self.adjust!r}: must be an integer")
+        if self.action is Action.PREFER and self.adjust < 0:
+            raise ValueError(f"prefer rule with adjust {self.adjust}: a prefer rule raises the "
+                             "score; use an avoid rule to lower it")
+        if self.action is Action.AVOID and self.adjust > 0:
+            raise ValueError(f"avoid rule with adjust +{self.adjust}: an avoid rule lowers the "
+                             "score; give a negative adjust or use a prefer rule")
+        if (self.name is None and self.cmdline is None and self.exe is None
+                and self.cgroup is None and self.uid is None):
+            raise ValueError(f"{self.action.value} rule without a matcher: give at least one "
+                             "of name, cmdline, exe, cgroup, uid")
+
+    @property
+    def effective_adjust(self) -> int:
+        """The score change this rule applies (0 for protect)."""
+        if self.action is Action.PROTECT:
+            return 0
+        if self.adjust:
+            return self.adjust
+        return DEFAULT_ADJUST if self.action is Action.PREFER else -DEFAULT_ADJUST
+
+    def describe(self) -> str:
+        """'avoid name=^Xorg$ uid=0': the action and its matchers, as a config would say."""
+        parts = [self.action.value]
+        for field_name in ("name", "cmdline", "exe", "cgroup"):
+            pattern: re.Pattern[str] | None = getattr(self, field_name)
+            if pattern is not None:
+                parts.append(f"{field_name}={pattern.pattern}")
+        if self.uid is not None:
+            parts.append(f"uid={self.uid}")
+        if self.adjust and self.action is not Action.PROTECT:
+            parts.append(f"adjust={self.adjust:+d}")
+        return " ".join(parts)
+
+    def matches(self, candidate: Candidate) -> bool:
+        """True when every matcher given matches `candidate`."""
+        return ((self.uid is None or candidate.uid == self.uid)
+                and (self.name is None or self.name.search(candidate.name) is not None)
+                and (self.exe is None or self.exe.search(candidate.exe) is not None)
+                and (self.cgroup is None or self.cgroup.search(candidate.cgroup) is not None)
+                and (self.cmdline is None
+                     or self.cmdline.search(" ".join(candidate.cmdline)) is not None))
+
+
+# --- the ranking ---------------------------------------------------------------------------
+
+
+class SortBy(enum.Enum):
+    """What the base score is."""
+
+    OOM_SCORE = "oom_score"  # the kernel's badness, oom_score_adj included (0..2000)
+    RSS = "rss"              # resident memory in MiB, oom_score_adj ignored
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A candidate with its score and why: the rules that touched it, and the exclusion."""
+
+    candidate: Candidate
+    score: int
+    touched_by: tuple[str, ...]  # e.g. "rule 1 (prefer name=chrome): +300", "...: protect"
+    excluded: str | None         # None: eligible; else why not
+
+    @property
+    def eligible(self) -> bool:
+        return self.excluded is None
+
+
+def rule_label(rule: Rule, number: int) -> str:
+    """How explain names `rule`, the `number`-th (1-based) of its list."""
+    return rule.label or f"rule {number} ({rule.describe()})"
+
+
+def in_scope(cgroup: str, scope: str) -> bool:
+    """True when cgroup v2 path `cgroup` is `scope` or below it, on '/' boundaries:
+    "/a/b" holds "/a/b" and "/a/b/c", never "/a/bc".  A process without a cgroup v2
+    path ("") is in no scope."""
+    if not cgroup.startswith("/"):
+        return False
+    scope = scope.rstrip("/")
+    return not scope or cgroup == scope or cgroup.startswith(scope + "/")
+
+
+def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
+         sort_by: SortBy = SortBy.OOM_SCORE, min_rss: int = 0,
+         scope_cgroup: str | None = None) -> list[Ranked]:
+    """Score and order `candidates`.  Pure.
+
+    Base score: oom_score, or rss // MiB with SortBy.RSS.  Every matching prefer/avoid
+    rule adds its adjustment.  Excluded (kept in the list, with the reason): a match of
+    a protect rule, oom_score_adj -1000, rss below `min_rss` bytes, a cgroup outside
+    `scope_cgroup`.  Order: eligible first, by score descending, then larger rss, then
+    lower pid; the excluded after, in the same order.
+    """
+    if min_rss < 0:
+        raise ValueError(f"min_rss {min_rss!r}: must be >= 0 bytes")
+    if scope_cgroup is not None and not scope_cgroup.startswith("/"):
+        raise ValueError(f"scope_cgroup {scope_cgroup!r}: must be a cgroup v2 path such as "
+                         "/system.slice/foo.service")
+    labelled = [(rule, rule_label(rule, i)) for i, rule in enumerate(rules, 1)]
+    ranked = []
+    for c in candidates:
+        score = c.oom_score if sort_by is SortBy.OOM_SCORE else c.rss // MiB
+        touched: list[str] = []
+        reasons: list[str] = []
+        for rule, label in labelled:
+            if not rule.matches(c):
+                continue
+            if rule.action is Action.PROTECT:
+                touched.append(f"{label}: protect")
+                reasons.append(f"protected by {label}")
+            else:
+                score += rule.effective_adjust
+                touched.append(f"{label}: {rule.effective_adjust:+d}")
+        if c.oom_score_adj <= OOM_SCORE_ADJ_MIN:
+            reasons.append(f"oom_score_adj {c.oom_score_adj}")
+        if scope_cgroup is not None and not in_scope(c.cgroup, scope_cgroup):
+            reasons.append(f"cgroup {c.cgroup or '(none)'} outside scope {scope_cgroup}")
+        if c.rss < min_rss:
+            reasons.append(f"rss {reap.fmt_bytes(c.rss)} below min_rss {reap.fmt_bytes(min_rss)}")
+        ranked.append(Ranked(candidate=c, score=score, touched_by=tuple(touched),
+                             excluded="; ".join(reasons) if reasons else None))
+    ranked.sort(key=lambda r: (r.excluded is not None, -r.score, -r.candidate.rss,
+                               r.candidate.pid))
+    return ranked
+
+
+def choose(ranked: Sequence[Ranked]) -> Ranked | None:
+    """The victim: the first eligible entry of a `rank` result, or None."""
+    for r in ranked:
+        if r.excluded is None:
+            return r
+    return None
+
+
+# --- the explanation ---------------------------------------------------------------------
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """`text` with control and other non-printable characters escaped (\\n, \\xNN,
+    \\uNNNN), so a name from the kernel or the user cannot break a line or a terminal."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        else:
+            out.append(ascii(ch)[1:-1])
+    return "".join(out)
+
+
+_HEADER = ("#", "PID", "NAME", "RSS", "OOM_SCORE", "ADJ", "SCORE", "RULES / EXCLUDED")
+
+
+def explain_table(ranked: Sequence[Ranked], limit: int | None = 20) -> str:
+    """A human table of a `rank` result: one process per line, the victim first.
+    Pure.  `limit`: at most this many rows (None: all), with a count of the rest."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit {limit!r}: must be >= 0 or None")
+    shown = list(ranked if limit is None else ranked[:limit])
+    rows: list[tuple[str, ...]] = [_HEADER]
+    position = 0
+    for r in shown:
+        c = r.candidate
+        if r.excluded is None:
+            position += 1
+            number = str(position)
+        else:
+            number = "-"
+        why = list(r.touched_by)
+        if r.excluded is not None:
+            why.append(f"excluded: {r.excluded}")
+        rows.append((number, str(c.pid), printable(c.name), reap.fmt_bytes(c.rss),
+                     str(c.oom_score), str(c.oom_score_adj), str(r.score),
+                     printable("; ".join(why))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER) - 1)]
+    numeric = {0, 1, 3, 4, 5, 6}
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(w) if i in numeric else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=False))]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    if not ranked:
+        lines.append("(no candidates)")
+    hidden = ranked[len(shown):]
+    if hidden:
+        eligible = sum(1 for r in hidden if r.excluded is None)
+        lines.append(f"... {len(hidden)} more not shown ({eligible} eligible, "
+                     f"{len(hidden) - eligible} excluded)")
+    return "\n".join(lines)
+
+
+# --- the scan: the only I/O ----------------------------------------------------------------
+
+
+def scan(proc: str = procfs.PROC) -> tuple[list[Candidate], list[str]]:
+    """Snapshot every process under `proc` that may ever be a victim.
+
+    Skipped silently, as they are never candidates: what `reap.refusal` refuses (PID 1,
+    kernel threads, mreaper itself and its parent, threads), zombies and processes with
+    no memory to free (no mm, RSS and swap 0), and processes that exit mid-scan.  An
+    entry that cannot be read or parsed is skipped with a warning naming the file.
+    oom_score_adj -1000 processes are kept: `rank` excludes them, explain shows them.
+
+    Cheap by design, it runs every second while memory is calm: stat first, so kernel
+    threads and zombies cost one read; then status, and only then the rest.  The files
+    of one process are read one after the other, not atomically; the victim is pinned
+    later by pid and starttime (reap.Victim.open), so a PID reused mid-scan can at worst
+    mis-rank once, never get the wrong process killed.
+    """
+    candidates: list[Candidate] = []
+    warnings: list[str] = []
+    for pid in sorted(procfs.list_pids(proc)):
+        try:
+            candidate = _snapshot(pid, proc)
+        except procfs.ProcessGone:
+            continue
+        except procfs.ParseError as e:
+            warnings.append(f"PID {pid} skipped: {e}")
+        except OSError as e:
+            where = e.filename if e.filename is not None else f"{proc}/{pid}"
+            warnings.append(f"PID {pid} skipped: {where}: {e.strerror or e}")
+        else:
+            if candidate is not None:
+                candidates.append(candidate)
+    return candidates, warnings
+
+
+def _snapshot(pid: int, proc: str) -> Candidate | None:
+    stat = procfs.read_stat(pid, proc)
+    if stat.state in ("Z", "X") or reap.refusal(stat) is not None:
+        return None
+    status = procfs.read_status(pid, proc)
+    if status.vm_rss == 0 and status.vm_swap == 0:
+        return None  # no mm (past exit_mm, or no Vm lines at all): nothing to free
+    if reap.refusal(stat, status.tgid) is not None:
+        return None
+    oom_score, oom_score_adj = procfs.read_oom_score(pid, proc)
+    cmdline = procfs.read_cmdline(pid, proc)
+    cgroup = procfs.read_cgroup(pid, proc).unified
+    return Candidate(pid=pid, starttime=stat.starttime, name=status.name or stat.comm,
+                     cmdline=cmdline, exe=_read_exe(pid, proc), uid=status.uid, cgroup=cgroup,
+                     rss=status.vm_rss, swap=status.vm_swap, oom_score=oom_score,
+                     oom_score_adj=oom_score_adj)
+
+
+def _read_exe(pid: int, proc: str) -> str:
+    """readlink /proc/<pid>/exe; "" when we may not (another user's process without
+    CAP_SYS_PTRACE), or it is gone."""
+    try:
+        target = os.readlink(os.fsencode(f"{proc}/{pid}/exe"))
+    except OSError:
+        return ""
+    return target.decode("utf-8", "backslashreplace")
