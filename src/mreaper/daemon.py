@@ -36,10 +36,13 @@ from mreaper.reap import (
     VictimError,
     fmt_bytes,
 )
+from mreaper.report import Episode, LogSink, Sample, Sink
 
 log = logging.getLogger("mreaper")
 
 EPISODE_CALM = 2.0  # seconds without any level held before an episode is over
+KEEP_KILLS = 20     # kill reports kept for status
+SAMPLE_EVERY = 1.0  # seconds between samples handed to the sinks (gauges)
 
 
 # --- logging ---------------------------------------------------------------------------
@@ -149,6 +152,10 @@ class CandidateCache:
         self._ranked = (time.monotonic(), ranked)
         return ranked
 
+    def peek(self) -> list[policy.Ranked]:
+        """The cached ranking as it is (no scan)."""
+        return self._ranked[1]
+
     def get(self, max_age: float) -> tuple[list[policy.Ranked], float]:
         """The cached ranking if younger than max_age, else a fresh one; and its age."""
         at, ranked = self._ranked
@@ -186,7 +193,8 @@ class Daemon:
     def __init__(self, cfg: Config, *, config_path: str | None = None,
                  config_required: bool = False,
                  reload: Callable[[], Config] | None = None,
-                 meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo) -> None:
+                 meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo,
+                 sink: Sink | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self._reload = reload
@@ -201,6 +209,11 @@ class Daemon:
         self._warned = False
         self._episode_since: float | None = None
         self._episode_last = 0.0
+        self._episode_peak = Severity.NONE
+        self._last_look: tuple[procfs.MemInfo, Verdict] | None = None
+        self._cache: CandidateCache | None = None
+        self._sampled_at = -SAMPLE_EVERY
+        self.sink: Sink = sink if sink is not None else LogSink()
 
     # -- signals: recorded by the handler, handled in the loop
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -232,6 +245,7 @@ class Daemon:
                         psi.fallback)
         pool = ReaperPool(cfg.reapers)
         cache = CandidateCache(cfg)
+        self._cache = cache
         cache.start()
         log.info("running%s: %s", " (dry run)" if cfg.dry_run else "", describe(cfg))
         try:
@@ -240,6 +254,7 @@ class Daemon:
             cache.stop()
             pool.shutdown(wait=True)
             psi.close()
+            self.sink.close()
             signal.set_wakeup_fd(-1)
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
@@ -258,7 +273,11 @@ class Daemon:
             rate.update(now, mem.mem_available)
             psi.refresh_averages()
             verdict = assess(self.cfg, mem, psi.active(now))
-            self._log_episode(verdict, now)
+            self._track_episode(verdict, now, mem)
+            self._last_look = (mem, verdict)
+            if now - self._sampled_at >= SAMPLE_EVERY:  # gauges: not on every look
+                self._sampled_at = now
+                self.sink.sample(self._sample(mem, psi))
             cache.set_urgent(verdict.severity >= Severity.WARN)
             self._collect(pool)
             if self._inflight and verdict.severity == Severity.KILL:
@@ -278,18 +297,30 @@ class Daemon:
                     psi.on_event(fd, revents, time.monotonic())
             self._handle_signals(psi, poller, cache)
 
-    def _log_episode(self, verdict: Verdict, now: float) -> None:
-        """One line when an episode starts (its first level) and one when it ends; an
-        episode ends only after EPISODE_CALM seconds without any level held, so a
-        reading that hovers at a level does not flood the log."""
+    def _track_episode(self, verdict: Verdict, now: float, mem: procfs.MemInfo) -> None:
+        """Start, peak and end of a pressure episode.  An episode ends only after
+        EPISODE_CALM seconds without any level held, so a reading that hovers at a
+        level does not flood the log."""
         if verdict.severity >= Severity.WARN:
             if self._episode_since is None:
-                log.warning("pressure: %s", verdict.reason)
-                self._episode_since = now
+                self._episode_since, self._episode_peak = now, verdict.severity
+                self._emit_episode("start", verdict, now, mem)
+            elif verdict.severity > self._episode_peak:
+                self._episode_peak = verdict.severity
+                self._emit_episode("peak", verdict, now, mem)
             self._episode_last = now
         elif self._episode_since is not None and now - self._episode_last >= EPISODE_CALM:
-            log.info("pressure over after %.1f s", self._episode_last - self._episode_since)
+            self._emit_episode("end", Verdict(self._episode_peak, "pressure over"),
+                               self._episode_last, mem)
             self._episode_since = None
+
+    def _emit_episode(self, phase: str, verdict: Verdict, now: float,
+                      mem: procfs.MemInfo) -> None:
+        assert self._episode_since is not None
+        self.sink.episode(Episode(
+            scope="machine", phase=phase, severity=verdict.severity.name.lower(),
+            reason=verdict.reason, wall_time=time.time(), duration_s=now - self._episode_since,
+            mem_available=mem.mem_available))
 
     def _ready(self, mem: procfs.MemInfo) -> bool:
         """No kill in flight, and the last kill's recovery has shown (or timed out)."""
@@ -316,7 +347,8 @@ class Daemon:
             log.exception("kill failed")
             return
         self.kills.append(report)
-        log.warning("%s", report.human())
+        del self.kills[:-KEEP_KILLS]
+        self.sink.kill(report, "machine")
         # After a kill, MemAvailable lags what came back (per-CPU free lists, see
         # research/mrelease-facts.md): wait until it shows most of what the kill
         # measurably freed, or a short bound, before judging whether to act again.
@@ -362,6 +394,46 @@ class Daemon:
         future = pool.submit(victim, options, reason=again.reason, escalation=escalation)
         future.add_done_callback(lambda _f: self._poke())
         self._inflight = _InFlight(future, escalation, detected_at, mem.mem_available)
+
+    def _sample(self, mem: procfs.MemInfo, psi: PsiMonitor) -> Sample:
+        distance: dict[str, int | None] = {}
+        for level in config_mod.LEVELS:
+            limit = self.cfg.memory[level].bytes_of(mem.mem_total)
+            distance[level] = None if limit is None else mem.mem_available - limit
+        avgs = psi.averages()
+        return Sample(scope="machine", mem_available=mem.mem_available,
+                      swap_free=mem.swap_free if mem.swap_total else None,
+                      psi_some_avg10=avgs.get("some"), psi_full_avg10=avgs.get("full"),
+                      distance=distance)
+
+    def status(self, top: int = 10) -> dict[str, object]:
+        """What the daemon decides from, for `mreaper status` (systemd-oomd's `oomctl
+        dump` idea): per scope the figures, the levels and the distance to them, the
+        top candidates, the last kills.  Safe to call from another thread."""
+        look = self._last_look
+        scopes: list[dict[str, object]] = []
+        if look is not None:
+            mem, verdict = look
+            scopes.append({
+                "scope": "machine", "severity": verdict.severity.name.lower(),
+                "reason": verdict.reason, "mem_total": mem.mem_total,
+                "mem_available": mem.mem_available, "swap_total": mem.swap_total,
+                "swap_free": mem.swap_free,
+                "levels": {lvl: self.cfg.memory[lvl].bytes_of(mem.mem_total)
+                           for lvl in config_mod.LEVELS},
+                "swap_levels": {lvl: self.cfg.swap[lvl].bytes_of(mem.swap_total)
+                                for lvl in config_mod.LEVELS},
+            })
+        candidates: list[dict[str, object]] = []
+        if self._cache is not None:
+            for r in self._cache.peek()[:top]:
+                c = r.candidate
+                candidates.append({"pid": c.pid, "name": c.name, "rss": c.rss,
+                                   "oom_score": c.oom_score, "score": r.score,
+                                   "excluded": r.excluded, "rules": list(r.touched_by)})
+        return {"pid": os.getpid(), "dry_run": self.cfg.dry_run, "config": self.cfg.origin,
+                "scopes": scopes, "candidates": candidates,
+                "kills": [k.to_dict() for k in list(self.kills)[-top:]]}
 
     def _poke(self) -> None:
         with contextlib.suppress(OSError):

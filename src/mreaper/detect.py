@@ -174,6 +174,17 @@ class PsiMonitor:
         except (OSError, ValueError):
             self._averages = {}
 
+    def averages(self) -> dict[str, float]:
+        """avg10 of some/full: read now when triggers are used (for status and gauges;
+        cheap), the fallback's last reading otherwise."""
+        if self.fallback is None:
+            try:
+                with open(self.path, "rb") as f:
+                    return parse_pressure(f.read())
+            except (OSError, ValueError):
+                return {}
+        return dict(self._averages)
+
     def active(self, now: float) -> dict[str, bool]:
         out = {}
         for level, trig in self.triggers.items():

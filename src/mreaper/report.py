@@ -1,0 +1,108 @@
+"""Reports: where kill reports and pressure episodes go (log, events file, metrics, hooks).
+
+The daemon knows one `Sink`; `Fanout` passes each event to every configured sink and
+keeps going when one of them fails (a full disk or a broken metrics endpoint must
+never stop a kill).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from mreaper.reap import KillReport
+
+log = logging.getLogger("mreaper")
+
+
+@dataclass(frozen=True, slots=True)
+class Episode:
+    """One phase of a pressure episode in a scope: it starts, it peaks (each time it
+    reaches a higher level), it ends."""
+
+    scope: str
+    phase: str            # "start" | "peak" | "end"
+    severity: str         # "warn" | "term" | "kill" (the highest so far at "end")
+    reason: str
+    wall_time: float
+    duration_s: float     # since the start (0 at "start")
+    mem_available: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["event"] = "episode"
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One look at a scope's pressure, for gauges: the figures and how far each is
+    from its levels (bytes above the level; negative = past it)."""
+
+    scope: str
+    mem_available: int | None
+    swap_free: int | None
+    psi_some_avg10: float | None
+    psi_full_avg10: float | None
+    distance: dict[str, int | None]   # level name -> bytes of headroom above it
+
+
+class Sink(Protocol):
+    def kill(self, report: KillReport, scope: str) -> None: ...
+    def episode(self, event: Episode) -> None: ...
+    def sample(self, sample: Sample) -> None: ...
+    def close(self) -> None: ...
+
+
+class LogSink:
+    """One line per kill (the report) and per episode start and end."""
+
+    def kill(self, report: KillReport, scope: str) -> None:
+        prefix = "" if scope == "machine" else f"[{scope}] "
+        log.warning("%s%s", prefix, report.human())
+
+    def episode(self, event: Episode) -> None:
+        prefix = "" if event.scope == "machine" else f"[{event.scope}] "
+        if event.phase == "start":
+            log.warning("%spressure: %s", prefix, event.reason)
+        elif event.phase == "end":
+            log.info("%spressure over after %.1f s (peak: %s)", prefix, event.duration_s,
+                     event.severity)
+
+    def sample(self, sample: Sample) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Fanout:
+    """Every event to every sink; a failing sink is logged once per kind and skipped."""
+
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self.sinks = list(sinks)
+        self._failed: set[tuple[int, str]] = set()
+
+    def _each(self, what: str, *args: object) -> None:
+        for i, sink in enumerate(self.sinks):
+            try:
+                getattr(sink, what)(*args)
+            except Exception as e:
+                if (i, what) not in self._failed:
+                    self._failed.add((i, what))
+                    log.error("%s sink %s failed (further failures not logged): %s",
+                              type(sink).__name__, what, e)
+
+    def kill(self, report: KillReport, scope: str) -> None:
+        self._each("kill", report, scope)
+
+    def episode(self, event: Episode) -> None:
+        self._each("episode", event)
+
+    def sample(self, sample: Sample) -> None:
+        self._each("sample", sample)
+
+    def close(self) -> None:
+        self._each("close")
