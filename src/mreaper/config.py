@@ -272,6 +272,18 @@ class Config:
     demote: bool = False
     # [[rule]]
     rules: tuple[Rule, ...] = field(default_factory=_default_rules)
+    # [events]: kill reports and pressure episodes as JSON lines ("" off, "-" stdout)
+    events_path: str = ""
+    # [metrics]: Prometheus exposition ("" off); listen "HOST:PORT"; textfile for
+    # node-exporter's textfile collector
+    metrics_listen: str = ""
+    metrics_textfile: str = ""
+    # [hooks]: argv lists run without a shell, victim details in MREAPER_* variables
+    pre_kill: tuple[str, ...] = ()
+    pre_kill_timeout: float = 2.0
+    post_kill: tuple[str, ...] = ()
+    # [status]: root-only UNIX socket for `mreaper status` / `mreaper top` ("" off)
+    status_socket: str = "/run/mreaper/status.sock"
     origin: str = "built-in defaults"
 
 
@@ -324,7 +336,9 @@ _DAEMON_KEYS = ("dry_run", "reapers", "mlockall", "oom_score_adj", "nice", "real
 _DETECT_KEYS = ("when", "poll_min", "poll_max", "scan_interval")
 _KILL_KEYS = ("term_timeout", "sort_by", "min_rss", "mrelease", "demote")
 _RULE_KEYS = ("action", "name", "cmdline", "exe", "cgroup", "user", "adjust")
-_SECTIONS = ("daemon", "detect", "memory", "swap", "psi", "kill", "rule")
+_SECTIONS = ("daemon", "detect", "memory", "swap", "psi", "kill", "rule", "events", "metrics",
+             "hooks", "status")
+_LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
 def _unknown(origin: str, where: str, table: Mapping[str, object], known: tuple[str, ...]) -> None:
@@ -405,6 +419,8 @@ def apply(base: Config, data: Mapping[str, Any], origin: str) -> Config:
         if key in k:
             changes[key] = _bool(origin, f"kill.{key}", k[key])
 
+    _apply_ops(origin, data, changes)
+
     if "rule" in data:
         rules = data["rule"]
         if not isinstance(rules, list):
@@ -414,6 +430,57 @@ def apply(base: Config, data: Mapping[str, Any], origin: str) -> Config:
     cfg = dataclasses.replace(base, **changes)
     _check_coherence(cfg)
     return cfg
+
+
+def _path(origin: str, key: str, value: object, *, stdout: bool = False) -> str:
+    allowed = ("an absolute path" + (', "-" for standard output' if stdout else "") +
+               ', or "" for off')
+    _check_type(origin, key, value, str, allowed)
+    assert isinstance(value, str)
+    if value and not value.startswith("/") and not (stdout and value == "-"):
+        raise ConfigError(origin, key, value, allowed)
+    return value
+
+
+def _argv(origin: str, key: str, value: object) -> tuple[str, ...]:
+    allowed = ("a command as a list of strings, the first an absolute path, run without a "
+               'shell (e.g. ["/usr/local/bin/notify", "--urgent"]), or [] for none')
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ConfigError(origin, key, value, allowed)
+    if value and not value[0].startswith("/"):
+        raise ConfigError(origin, key, value, allowed)
+    return tuple(value)
+
+
+def _apply_ops(origin: str, data: Mapping[str, Any], changes: dict[str, Any]) -> None:
+    e = _table(origin, data, "events")
+    _unknown(origin, "events", e, ("path",))
+    if "path" in e:
+        changes["events_path"] = _path(origin, "events.path", e["path"], stdout=True)
+    m = _table(origin, data, "metrics")
+    _unknown(origin, "metrics", m, ("listen", "textfile"))
+    if "listen" in m:
+        value = m["listen"]
+        allowed = 'HOST:PORT (e.g. "127.0.0.1:9772", "[::1]:9772") with port 1-65535, or ""'
+        _check_type(origin, "metrics.listen", value, str, allowed)
+        match = _LISTEN_RE.match(value) if value else None
+        if value and (match is None or not 1 <= int(match.group(2)) <= 65535):
+            raise ConfigError(origin, "metrics.listen", value, allowed)
+        changes["metrics_listen"] = value
+    if "textfile" in m:
+        changes["metrics_textfile"] = _path(origin, "metrics.textfile", m["textfile"])
+    h = _table(origin, data, "hooks")
+    _unknown(origin, "hooks", h, ("pre_kill", "pre_kill_timeout", "post_kill"))
+    for key in ("pre_kill", "post_kill"):
+        if key in h:
+            changes[key] = _argv(origin, f"hooks.{key}", h[key])
+    if "pre_kill_timeout" in h:
+        changes["pre_kill_timeout"] = _number(origin, "hooks.pre_kill_timeout",
+                                              h["pre_kill_timeout"], 0.0, 60)
+    st = _table(origin, data, "status")
+    _unknown(origin, "status", st, ("socket",))
+    if "socket" in st:
+        changes["status_socket"] = _path(origin, "status.socket", st["socket"])
 
 
 def _regex(origin: str, key: str, value: object) -> re.Pattern[str]:
@@ -534,6 +601,17 @@ def to_toml(cfg: Config) -> str:
     line("min_rss", cfg.min_rss)
     line("mrelease", cfg.mrelease)
     line("demote", cfg.demote)
+    out += ["", "[events]"]
+    line("path", cfg.events_path)
+    out += ["", "[metrics]"]
+    line("listen", cfg.metrics_listen)
+    line("textfile", cfg.metrics_textfile)
+    out += ["", "[hooks]"]
+    line("pre_kill", list(cfg.pre_kill))
+    line("pre_kill_timeout", cfg.pre_kill_timeout)
+    line("post_kill", list(cfg.post_kill))
+    out += ["", "[status]"]
+    line("socket", cfg.status_socket)
     for rule in cfg.rules:
         out += ["", "[[rule]]"]
         line("action", rule.action.value)

@@ -17,6 +17,7 @@ import contextlib
 import enum
 import errno
 import json
+import logging
 import os
 import select
 import signal
@@ -475,11 +476,16 @@ class ReaperPool:
     """A few threads that kill and reap, so the caller never blocks in a syscall and
     several victims are reaped on several CPUs at once (lmkd's design)."""
 
-    def __init__(self, workers: int = 2, *, syscalls: Syscalls | None = None) -> None:
+    def __init__(self, workers: int = 2, *, syscalls: Syscalls | None = None,
+                 before_kill: Callable[[Victim, str], None] | None = None) -> None:
+        """`before_kill(victim, reason)` runs in the worker after the victim is pinned
+        and before any signal (pre-kill hooks); it must bound its own time, and an
+        exception from it is logged and does not stop the kill."""
         if not 1 <= workers <= 64:
             raise ValueError(f"reaper workers {workers!r}: must be 1..64")
         self.workers = workers
         self._syscalls = syscalls or LinuxSyscalls()
+        self._before_kill = before_kill
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mreaper-reaper")
         self._lock = threading.Lock()
         self._closed = False
@@ -496,6 +502,12 @@ class ReaperPool:
     def _run(self, victim: Victim, options: KillOptions, reason: str,
              escalation: Escalation | None) -> KillReport:
         try:
+            if self._before_kill is not None:
+                try:
+                    self._before_kill(victim, reason)
+                except Exception:
+                    logging.getLogger("mreaper").exception("before-kill step failed; killing "
+                                                           "anyway")
             return kill_and_reap(victim, options, reason=reason, syscalls=self._syscalls,
                                  escalation=escalation)
         finally:
