@@ -330,7 +330,7 @@ def _snapshot(pid: int, proc: str) -> Candidate | None:
     if stat.state in ("Z", "X") or reap.refusal(stat) is not None:
         return None
     status = procfs.read_status(pid, proc)
-    if status.vm_rss == 0 and status.vm_swap == 0:
+    if not status.has_mm:
         return None  # no mm (past exit_mm, or no Vm lines at all): nothing to free
     if reap.refusal(stat, status.tgid) is not None:
         return None

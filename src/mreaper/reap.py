@@ -69,7 +69,7 @@ def refusal(stat: procfs.Stat, tgid: int | None = None) -> str | None:
     lives in one place, used by the engine, `mreaper kill` and the policy."""
     if stat.pid == 1:
         return "it is PID 1 (init): killing it panics the kernel"
-    if stat.is_kernel_thread or stat.pid == 2 or stat.ppid == 2:
+    if stat.is_kernel_thread:  # PF_KTHREAD, not "pid 2": in a PID namespace pid 2 is a process
         return "it is a kernel thread"
     if stat.pid == os.getpid():
         return "it is mreaper itself"

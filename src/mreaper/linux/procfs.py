@@ -34,15 +34,25 @@ class ParseError(ValueError):
 
 
 def _read_bytes(path: str, pid: int) -> bytes:
+    # os.open/os.read: no buffered file object per read; /proc files of one process
+    # are small, and a scan reads several per process.
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
     except (FileNotFoundError, ProcessLookupError) as e:
         raise ProcessGone(pid) from e
     except OSError as e:
         # Reading /proc/<pid>/* of an exiting task can give ESRCH as a plain OSError.
         if e.errno in (errno.ESRCH, errno.ENOENT):
             raise ProcessGone(pid) from e
+        if e.filename is None:  # os.read errors (EISDIR, EIO) carry no file name
+            e.filename = path
         raise
 
 
@@ -104,39 +114,45 @@ class Status:
     rss_file: int
     rss_shmem: int
     vm_swap: int
+    has_mm: bool = True  # False: no Vm*/Rss* lines (kernel thread, zombie, past exit_mm)
 
 
 _STATUS_SIZES = {"VmRSS": "vm_rss", "RssAnon": "rss_anon", "RssFile": "rss_file",
                  "RssShmem": "rss_shmem", "VmSwap": "vm_swap"}
+_STATUS_WANTED = frozenset({b"Name", b"Tgid", b"Uid"} | {k.encode() for k in _STATUS_SIZES})
 
 
 def parse_status(data: bytes, path: str = "status") -> Status:
     fields: dict[str, int] = dict.fromkeys(_STATUS_SIZES.values(), 0)
     name = ""
     tgid = uid = -1
+    has_mm = False
     for raw in data.split(b"\n"):
         key, sep, value = raw.partition(b":")
-        if not sep:
+        # Compare bytes before decoding anything: a scan parses this file for every
+        # process, and most of its ~55 lines are of no interest.
+        if not sep or key not in _STATUS_WANTED:
             continue
-        k = key.decode("ascii", "replace")
         try:
-            if k == "Name":
+            if key == b"Name":
                 # The kernel escapes '\n' and '\\' in Name, so one line is the whole name.
                 name = value.strip(b"\t ").decode("utf-8", "backslashreplace")
-            elif k == "Tgid":
+            elif key == b"Tgid":
                 tgid = int(value)
-            elif k == "Uid":
+            elif key == b"Uid":
                 uid = int(value.split()[0])
-            elif k in _STATUS_SIZES:
+            else:
                 number, _, unit = value.strip().partition(b" ")
                 if unit.strip() not in (b"kB", b""):
-                    raise ParseError(path, f"{k}: unit {unit!r}, expected kB")
-                fields[_STATUS_SIZES[k]] = int(number) * 1024
+                    raise ParseError(path, f"{key.decode()}: unit {unit!r}, expected kB")
+                fields[_STATUS_SIZES[key.decode()]] = int(number) * 1024
+                has_mm = True
         except (ValueError, IndexError):
-            raise ParseError(path, f"{k}: cannot parse {value.strip()[:60]!r}") from None
+            raise ParseError(path, f"{key.decode()}: cannot parse "
+                                   f"{value.strip()[:60]!r}") from None
     if tgid < 0 or uid < 0:
         raise ParseError(path, "missing Tgid or Uid line")
-    return Status(name=name, tgid=tgid, uid=uid, **fields)
+    return Status(name=name, tgid=tgid, uid=uid, has_mm=has_mm, **fields)
 
 
 def read_status(pid: int, proc: str = PROC) -> Status:
@@ -181,12 +197,15 @@ def read_cgroup(pid: int, proc: str = PROC) -> CgroupMembership:
 
 def read_oom_score(pid: int, proc: str = PROC) -> tuple[int, int]:
     """(oom_score, oom_score_adj) as the kernel computes them now."""
-    score = _read_bytes(f"{proc}/{pid}/oom_score", pid)
-    adj = _read_bytes(f"{proc}/{pid}/oom_score_adj", pid)
-    try:
-        return int(score), int(adj)
-    except ValueError:
-        raise ParseError(f"{proc}/{pid}/oom_score", f"not an integer: {score[:40]!r}") from None
+    values = []
+    for name in ("oom_score", "oom_score_adj"):
+        path = f"{proc}/{pid}/{name}"
+        data = _read_bytes(path, pid)
+        try:
+            values.append(int(data))
+        except ValueError:
+            raise ParseError(path, f"not an integer: {data[:40]!r}") from None
+    return values[0], values[1]
 
 
 def list_pids(proc: str = PROC) -> list[int]:

@@ -44,7 +44,9 @@ def detect_abi(machine: str | None = None, multiarch: str | None = None,
         pointer_bits = ctypes.sizeof(ctypes.c_void_p) * 8
     if machine.startswith("alpha"):
         return "alpha"
-    if machine == "x86_64" and (pointer_bits == 32 or multiarch.endswith("gnux32")):
+    # uname says x86_64 for i386 userlands on 64-bit kernels too: only the multiarch
+    # tuple tells x32 (x86_64-linux-gnux32) from i386 (generic numbers).
+    if machine == "x86_64" and multiarch.endswith("gnux32"):
         return "x32"
     if machine.startswith("mips"):
         if "abin32" in multiarch:
