@@ -93,6 +93,8 @@ class Level:
         return parts[0] if len(parts) == 1 else f"min({', '.join(parts)})"
 
     def to_toml(self) -> object:
+        if not self.thresholds:
+            return "off"
         items: list[object] = [t.size if t.size is not None else str(t) for t in self.thresholds]
         return items[0] if len(items) == 1 else items
 
@@ -159,63 +161,69 @@ def parse_psi(value: object, origin: str, key: str) -> PsiTrigger | None:
 
 # --- the "when" expression: how sources combine ---------------------------------------
 
-WHEN_HELP = ("an expression over memory, swap and psi with & (and), | (or) and parentheses, "
-             "e.g. \"memory & swap | psi\"; or \"any\" / \"all\" of the three")
-_TOKEN = re.compile(r"\s*(?:(memory|swap|psi)|(&)|(\|)|(\()|(\)))")
+_TOKEN = re.compile(r"\s*(?:([a-z_]+)|(&)|(\|)|(\()|(\)))")
+SCOPE_SOURCES = ("headroom", "psi", "events")
+
+
+def when_help(sources: tuple[str, ...]) -> str:
+    names = ", ".join(sources[:-1]) + " and " + sources[-1]
+    example = f"{sources[0]} & {sources[1]} | {sources[2]}"
+    return (f"an expression over {names} with & (and), | (or) and parentheses, "
+            f"e.g. \"{example}\"; or \"any\" / \"all\" of the three")
+
+
+WHEN_HELP = when_help(SOURCES)
 
 When = tuple[tuple[str, ...], ...]  # disjunctive normal form: OR of ANDs of source names
 
 
-def parse_when(value: object, origin: str, key: str) -> When:
+def parse_when(value: object, origin: str, key: str,
+               sources: tuple[str, ...] = SOURCES) -> When:
     """Parse into disjunctive normal form; '&' binds tighter than '|'."""
     if value == "any":
-        return tuple((s,) for s in SOURCES)
+        return tuple((s,) for s in sources)
     if value == "all":
-        return (SOURCES,)
+        return (sources,)
+    err = ConfigError(origin, key, value, when_help(sources))
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(origin, key, value, WHEN_HELP)
+        raise err
     tokens: list[str] = []
     pos = 0
     text = value.rstrip()
     while pos < len(text):
         m = _TOKEN.match(text, pos)
-        if not m:
-            raise ConfigError(origin, key, value, WHEN_HELP)
+        if not m or (m.group(1) is not None and m.group(1) not in sources):
+            raise err
         tokens.append(m.group(m.lastindex or 0))
         pos = m.end()
-    result, rest = _parse_or(tokens, origin, key, value)
+
+    def parse_or(toks: list[str]) -> tuple[When, list[str]]:
+        terms, rest = parse_and(toks)
+        while rest and rest[0] == "|":
+            more, rest = parse_and(rest[1:])
+            terms = terms + more
+        return terms, rest
+
+    def parse_and(toks: list[str]) -> tuple[When, list[str]]:
+        terms, rest = parse_atom(toks)
+        while rest and rest[0] == "&":
+            right, rest = parse_atom(rest[1:])
+            terms = tuple(tuple(dict.fromkeys(a + b)) for a in terms for b in right)
+        return terms, rest
+
+    def parse_atom(toks: list[str]) -> tuple[When, list[str]]:
+        if toks and toks[0] in sources:
+            return ((toks[0],),), toks[1:]
+        if toks and toks[0] == "(":
+            inner, rest = parse_or(toks[1:])
+            if rest and rest[0] == ")":
+                return inner, rest[1:]
+        raise err
+
+    result, rest = parse_or(tokens)
     if rest:
-        raise ConfigError(origin, key, value, WHEN_HELP)
+        raise err
     return result
-
-
-def _parse_or(tokens: list[str], origin: str, key: str, value: object) -> tuple[When, list[str]]:
-    terms, rest = _parse_and(tokens, origin, key, value)
-    while rest and rest[0] == "|":
-        more, rest = _parse_and(rest[1:], origin, key, value)
-        terms = terms + more
-    return terms, rest
-
-
-def _parse_and(tokens: list[str], origin: str, key: str, value: object) -> tuple[When, list[str]]:
-    terms, rest = _parse_atom(tokens, origin, key, value)
-    while rest and rest[0] == "&":
-        right, rest = _parse_atom(rest[1:], origin, key, value)
-        terms = tuple(tuple(dict.fromkeys(a + b)) for a in terms for b in right)
-    return terms, rest
-
-
-def _parse_atom(tokens: list[str], origin: str, key: str, value: object) -> tuple[When, list[str]]:
-    if not tokens:
-        raise ConfigError(origin, key, value, WHEN_HELP)
-    if tokens[0] in SOURCES:
-        return ((tokens[0],),), tokens[1:]
-    if tokens[0] == "(":
-        inner, rest = _parse_or(tokens[1:], origin, key, value)
-        if not rest or rest[0] != ")":
-            raise ConfigError(origin, key, value, WHEN_HELP)
-        return inner, rest[1:]
-    raise ConfigError(origin, key, value, WHEN_HELP)
 
 
 def format_when(when: When) -> str:
@@ -227,6 +235,36 @@ def format_when(when: When) -> str:
 
 def _default_rules() -> tuple[Rule, ...]:
     return ()
+
+
+EVENT_COUNTERS = ("low", "high", "max", "oom", "oom_kill", "oom_group_kill")
+UNITS = ("process", "cgroup")
+SELECTS = ("size", "growth", "pressure")
+
+
+@dataclass(frozen=True)
+class ScopeConfig:
+    """A cgroup v2 subtree watched on its own: headroom of memory.current against
+    memory.max/high, PSI triggers on its memory.pressure, memory.events counters."""
+
+    name: str
+    cgroup: str                          # path or glob, absolute or under the cgroup2 mount
+    when: When = (("headroom",), ("psi",), ("events",))
+    headroom: Mapping[str, Level] = field(default_factory=lambda: {
+        "warn": Level((Threshold(percent=10.0),)),
+        "term": Level(),
+        "kill": Level((Threshold(percent=3.0),)),
+    })
+    psi: Mapping[str, PsiTrigger | None] = field(default_factory=lambda: {
+        "warn": PsiTrigger("some", 150_000, 1_000_000),
+        "term": None,
+        "kill": PsiTrigger("full", 300_000, 1_000_000),
+    })
+    events: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {
+        "warn": ("high",), "term": (), "kill": ("oom",),
+    })
+    unit: str = "process"                # or "cgroup": kill a child cgroup whole
+    select: str = "size"                 # unit = cgroup: by size, growth or pressure
 
 
 @dataclass(frozen=True)
@@ -272,6 +310,8 @@ class Config:
     demote: bool = False
     # [[rule]]
     rules: tuple[Rule, ...] = field(default_factory=_default_rules)
+    # [[scope]]
+    scopes: tuple[ScopeConfig, ...] = ()
     # [events]: kill reports and pressure episodes as JSON lines ("" off, "-" stdout)
     events_path: str = ""
     # [metrics]: Prometheus exposition ("" off); listen "HOST:PORT"; textfile for
@@ -336,8 +376,9 @@ _DAEMON_KEYS = ("dry_run", "reapers", "mlockall", "oom_score_adj", "nice", "real
 _DETECT_KEYS = ("when", "poll_min", "poll_max", "scan_interval")
 _KILL_KEYS = ("term_timeout", "sort_by", "min_rss", "mrelease", "demote")
 _RULE_KEYS = ("action", "name", "cmdline", "exe", "cgroup", "user", "adjust")
-_SECTIONS = ("daemon", "detect", "memory", "swap", "psi", "kill", "rule", "events", "metrics",
-             "hooks", "status")
+_SECTIONS = ("daemon", "detect", "memory", "swap", "psi", "kill", "rule", "scope", "events",
+             "metrics", "hooks", "status")
+_SCOPE_KEYS = ("name", "cgroup", "when", "headroom", "psi", "events", "unit", "select")
 _LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
@@ -420,6 +461,16 @@ def apply(base: Config, data: Mapping[str, Any], origin: str) -> Config:
             changes[key] = _bool(origin, f"kill.{key}", k[key])
 
     _apply_ops(origin, data, changes)
+    if "scope" in data:
+        scopes = data["scope"]
+        if not isinstance(scopes, list):
+            raise ConfigError(origin, "scope", scopes, "an array of tables ([[scope]])")
+        changes["scopes"] = tuple(_scope(origin, i, sc) for i, sc in enumerate(scopes, 1))
+        names = [sc.name for sc in changes["scopes"]]
+        for name in names:
+            if names.count(name) > 1 or name == "machine":
+                raise ConfigError(origin, "scope.name", name,
+                                  "scope names must be unique and not \"machine\"")
 
     if "rule" in data:
         rules = data["rule"]
@@ -534,23 +585,81 @@ def _rule(origin: str, index: int, r: object) -> Rule:
                 **matchers)
 
 
+def _scope(origin: str, index: int, sc: object) -> ScopeConfig:
+    where = f"scope[{index}]"
+    if not isinstance(sc, dict):
+        raise ConfigError(origin, where, sc, "a table with at least cgroup")
+    _unknown(origin, where, sc, _SCOPE_KEYS)
+    if "cgroup" not in sc:
+        raise ConfigError(origin, f"{where}.cgroup", None,
+                          "required: a cgroup path or glob under the cgroup2 mount")
+    pattern = sc["cgroup"]
+    _check_type(origin, f"{where}.cgroup", pattern, str,
+                "a cgroup path or glob under the cgroup2 mount")
+    assert isinstance(pattern, str)
+    if not pattern.strip("/") or ".." in pattern.split("/"):
+        raise ConfigError(origin, f"{where}.cgroup", pattern,
+                          "a cgroup below the root, without '..' (the root is the machine scope)")
+    changes: dict[str, Any] = {"cgroup": pattern}
+    name = sc.get("name", pattern)
+    _check_type(origin, f"{where}.name", name, str, "a short name for logs and metrics")
+    if not re.fullmatch(r"[A-Za-z0-9_.:/*\-]{1,64}", str(name)):
+        raise ConfigError(origin, f"{where}.name", name,
+                          "1-64 characters: letters, digits, _ . : / * -")
+    changes["name"] = name
+    base = ScopeConfig(name=str(name), cgroup=pattern)
+    if "when" in sc:
+        changes["when"] = parse_when(sc["when"], origin, f"{where}.when", SCOPE_SOURCES)
+    for key in ("headroom", "psi", "events"):
+        if key not in sc:
+            continue
+        table = sc[key]
+        if not isinstance(table, dict):
+            raise ConfigError(origin, f"{where}.{key}", table,
+                              "a table with warn, term and/or kill")
+        _unknown(origin, f"{where}.{key}", table, LEVELS)
+        merged: dict[str, Any] = dict(getattr(base, key))
+        for lvl, value in table.items():
+            k = f"{where}.{key}.{lvl}"
+            if key == "headroom":
+                merged[lvl] = parse_level(value, origin, k)
+            elif key == "psi":
+                merged[lvl] = parse_psi(value, origin, k)
+            else:
+                allowed = ("a list of memory.events counters: " + ", ".join(EVENT_COUNTERS))
+                if not isinstance(value, list) or any(v not in EVENT_COUNTERS for v in value):
+                    raise ConfigError(origin, k, value, allowed)
+                merged[lvl] = tuple(value)
+        changes[key] = merged
+    if "unit" in sc:
+        changes["unit"] = _choice(origin, f"{where}.unit", sc["unit"], UNITS)
+    if "select" in sc:
+        changes["select"] = _choice(origin, f"{where}.select", sc["select"], SELECTS)
+    scope = dataclasses.replace(base, **changes)
+    _check_order(origin, f"{where}.headroom", scope.headroom)
+    return scope
+
+
 def _check_coherence(cfg: Config) -> None:
     origin = cfg.origin
     if cfg.poll_min > cfg.poll_max:
         raise ConfigError(origin, "detect.poll_min", cfg.poll_min,
                           f"must not exceed detect.poll_max ({cfg.poll_max:g})")
     for section in ("memory", "swap"):
-        levels: Mapping[str, Level] = getattr(cfg, section)
-        # Compare on a nominal total: a level given as % and one as size can only be
-        # ordered at run time, and then only the lower counts.
-        for total in (1 << 30, 1 << 40):
-            values = [(lvl, levels[lvl].bytes_of(total)) for lvl in LEVELS]
-            present = [(lvl, v) for lvl, v in values if v is not None]
-            for (hi_name, hi), (lo_name, lo) in itertools.pairwise(present):
-                if lo > hi:
-                    raise ConfigError(origin, f"{section}.{lo_name}", levels[lo_name].to_toml(),
-                                      f"must be at or below {section}.{hi_name} "
-                                      f"({levels[hi_name].to_toml()!r})")
+        _check_order(origin, section, getattr(cfg, section))
+
+
+def _check_order(origin: str, section: str, levels: Mapping[str, Level]) -> None:
+    """warn >= term >= kill.  A level given as % and one as a size can only be ordered
+    against a total, so both a small and a large nominal total are checked."""
+    for total in (1 << 30, 1 << 40):
+        values = [(lvl, levels[lvl].bytes_of(total)) for lvl in LEVELS]
+        present = [(lvl, v) for lvl, v in values if v is not None]
+        for (hi_name, hi), (lo_name, lo) in itertools.pairwise(present):
+            if lo > hi:
+                raise ConfigError(origin, f"{section}.{lo_name}", levels[lo_name].to_toml(),
+                                  f"must be at or below {section}.{hi_name} "
+                                  f"({levels[hi_name].to_toml()!r})")
 
 
 def load(path: str | None, *, required: bool) -> Config:
@@ -590,7 +699,7 @@ def to_toml(cfg: Config) -> str:
         out += ["", f"[{section}]"]
         levels: Mapping[str, Level] = getattr(cfg, section)
         for lvl in LEVELS:
-            line(lvl, levels[lvl].to_toml() if levels[lvl].thresholds else "off")
+            line(lvl, levels[lvl].to_toml())
     out += ["", "[psi]"]
     for lvl in LEVELS:
         trig = cfg.psi[lvl]
@@ -601,6 +710,21 @@ def to_toml(cfg: Config) -> str:
     line("min_rss", cfg.min_rss)
     line("mrelease", cfg.mrelease)
     line("demote", cfg.demote)
+    for sc in cfg.scopes:
+        out += ["", "[[scope]]"]
+        line("name", sc.name)
+        line("cgroup", sc.cgroup)
+        line("when", format_when(sc.when))
+        line("unit", sc.unit)
+        line("select", sc.select)
+        out.append("headroom = { " + ", ".join(
+            f"{lvl} = {_toml_value(sc.headroom[lvl].to_toml())}"
+            for lvl in LEVELS) + " }")
+        out.append("psi = { " + ", ".join(
+            f"{lvl} = {_toml_value(str(sc.psi[lvl]) if sc.psi[lvl] else 'off')}"
+            for lvl in LEVELS) + " }")
+        out.append("events = { " + ", ".join(
+            f"{lvl} = {_toml_value(list(sc.events[lvl]))}" for lvl in LEVELS) + " }")
     out += ["", "[events]"]
     line("path", cfg.events_path)
     out += ["", "[metrics]"]
