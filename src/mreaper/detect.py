@@ -11,10 +11,11 @@ import contextlib
 import enum
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from mreaper.config import LEVELS, Config, Level, PsiTrigger
+from mreaper.config import LEVELS, Config, Level, PsiTrigger, ScopeConfig, When
+from mreaper.linux.cgroup import MemoryState
 from mreaper.linux.procfs import MemInfo
 
 
@@ -66,15 +67,50 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
 
-def assess(cfg: Config, mem: MemInfo, psi_active: Mapping[str, bool]) -> Verdict:
-    """The highest level whose `when` expression holds (pure)."""
+def highest_level(when: When,
+                  states: Callable[[str], Mapping[str, tuple[bool, str]]]) -> Verdict:
+    """The highest level at which some AND-term of `when` holds entirely (pure).
+    `states(level)` says for each source whether it holds at that level, and why."""
     for level in reversed(LEVELS):
-        states = source_states(cfg, mem, psi_active, level)
-        for term in cfg.when:
-            if all(states[s][0] for s in term):
-                reason = ", ".join(states[s][1] for s in term)
+        held = states(level)
+        for term in when:
+            if all(held[s][0] for s in term):
+                reason = ", ".join(held[s][1] for s in term)
                 return Verdict(SEVERITY_OF[level], f"{level}: {reason}")
     return Verdict(Severity.NONE, "")
+
+
+def assess(cfg: Config, mem: MemInfo, psi_active: Mapping[str, bool]) -> Verdict:
+    """The machine scope's verdict (pure)."""
+    return highest_level(cfg.when, lambda level: source_states(cfg, mem, psi_active, level))
+
+
+def scope_states(sc: ScopeConfig, state: MemoryState, psi_active: Mapping[str, bool],
+                 events_delta: Mapping[str, int], level: str) -> dict[str, tuple[bool, str]]:
+    """For one level of a cgroup scope: headroom, psi and events, each held or not."""
+    out: dict[str, tuple[bool, str]] = {}
+    headroom, limit = state.headroom, state.limit
+    bound = sc.headroom[level].bytes_of(limit) if limit is not None else None
+    if headroom is None or limit is None:
+        out["headroom"] = (False, "no memory.current/limit")
+    elif bound is None:
+        out["headroom"] = (False, "headroom level off")
+    else:
+        out["headroom"] = (headroom <= bound, f"headroom {_mib(headroom)} "
+                                              f"{'<=' if headroom <= bound else '>'} "
+                                              f"{_mib(bound)} of limit {_mib(limit)}")
+    trig = sc.psi[level]
+    out["psi"] = (psi_active.get(level, False), f"PSI {trig}") if trig else (False, "psi off")
+    rose = [f"{c} +{events_delta[c]}" for c in sc.events[level] if events_delta.get(c, 0) > 0]
+    out["events"] = (bool(rose), "memory.events " + ", ".join(rose) if rose else "no events")
+    return out
+
+
+def assess_scope(sc: ScopeConfig, state: MemoryState, psi_active: Mapping[str, bool],
+                 events_delta: Mapping[str, int]) -> Verdict:
+    """A cgroup scope's verdict (pure)."""
+    return highest_level(sc.when, lambda level: scope_states(sc, state, psi_active,
+                                                             events_delta, level))
 
 
 def next_interval(cfg: Config, mem: MemInfo, fall_rate: float) -> float:
