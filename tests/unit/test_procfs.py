@@ -49,7 +49,8 @@ def test_stat_of_a_normal_process() -> None:
 def test_status_of_a_normal_process() -> None:
     s = procfs.read_status(SLEEP, PROC)
     assert s == procfs.Status(name="sleep", tgid=SLEEP, uid=0, vm_rss=1800 * 1024,
-                              rss_anon=108 * 1024, rss_file=1692 * 1024, rss_shmem=0, vm_swap=0)
+                              rss_anon=108 * 1024, rss_file=1692 * 1024, rss_shmem=0, vm_swap=0,
+                              has_mm=True)
 
 
 def test_cmdline_cgroup_and_oom_score_of_a_normal_process() -> None:
@@ -68,6 +69,7 @@ def test_kernel_thread_flags_and_no_memory() -> None:
     assert st.is_kernel_thread
     s = procfs.read_status(KTHREADD, PROC)
     assert (s.vm_rss, s.rss_anon, s.rss_file, s.rss_shmem, s.vm_swap) == (0, 0, 0, 0, 0)
+    assert not s.has_mm
     assert procfs.read_cmdline(KTHREADD, PROC) == ()
 
 
@@ -86,6 +88,7 @@ def test_zombie_has_state_z_and_no_vm_lines() -> None:
     s = procfs.read_status(ZOMBIE, PROC)
     assert s.tgid == ZOMBIE and s.uid == 0 and s.name == "python3"
     assert (s.vm_rss, s.rss_anon, s.rss_file, s.rss_shmem, s.vm_swap) == (0, 0, 0, 0, 0)
+    assert not s.has_mm
     assert procfs.read_cmdline(ZOMBIE, PROC) == ()
 
 
