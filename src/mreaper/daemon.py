@@ -1,15 +1,17 @@
 """The daemon: wires detection, policy and the reaper pool into one event-driven loop.
 
-pressure event -> verdict -> victim (from a ranked list kept fresh in the background)
--> one more look at the pressure -> reaper pool -> kill report -> measured recovery
--> act again only if pressure persists.  The loop sleeps in poll() on the PSI trigger
-fds, a wake-up eventfd and the signal fd, for an interval that shrinks as memory
+For each scope (the machine, and each watched cgroup): pressure event -> verdict ->
+victim (from a ranked list kept fresh in the background) -> one more look at the
+pressure -> reaper pool -> kill report -> measured recovery -> act again only if
+pressure persists.  The loop sleeps in poll() on every scope's PSI trigger fds and a
+wake-up pipe (signals, finished kills), for an interval that shrinks as memory
 approaches a level.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import select
@@ -18,25 +20,36 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
 
 from mreaper import config as config_mod
 from mreaper import policy
 from mreaper.config import Config
-from mreaper.detect import FallRate, PsiMonitor, Severity, Verdict, assess, next_interval
-from mreaper.linux import procfs
+from mreaper.detect import Severity, Verdict
+from mreaper.linux import cgroup, procfs
 from mreaper.linux.syscalls import lock_memory, probe_support
 from mreaper.reap import (
     Escalation,
+    GroupKillReport,
     KillOptions,
     KillReport,
     ReaperPool,
     Victim,
     VictimError,
     fmt_bytes,
+    pin_cgroup,
 )
-from mreaper.report import Episode, LogSink, Sample, Sink
+from mreaper.report import Episode, LogSink, Sink
+from mreaper.scope import (
+    MACHINE,
+    CgroupScope,
+    InFlight,
+    MachineScope,
+    Scope,
+    child_cgroups,
+    pick_child,
+    preferences,
+    resolve_scopes,
+)
 
 log = logging.getLogger("mreaper")
 
@@ -117,13 +130,16 @@ class CandidateCache:
     moment a level is crossed: event-to-SIGKILL time does not grow with the number of
     processes.  Calm: every scan_interval; at or above warn: ten times as often."""
 
-    def __init__(self, cfg: Config, proc: str = procfs.PROC) -> None:
+    def __init__(self, cfg: Config, unified: str, proc: str = procfs.PROC) -> None:
         self.cfg = cfg
+        self.unified = unified
         self.proc = proc
-        self._ranked: tuple[float, list[policy.Ranked]] = (0.0, [])
+        self._snapshot: tuple[float, list[policy.Candidate], dict[str, str],
+                              list[policy.Ranked]] = (0.0, [], {}, [])
         self._urgent = False
         self._wake = threading.Event()
         self._stop = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="mreaper-scan", daemon=True)
         self._warned: set[str] = set()
 
@@ -141,29 +157,31 @@ class CandidateCache:
             self._wake.set()
         self._urgent = urgent
 
-    def refresh(self) -> list[policy.Ranked]:
-        candidates, warnings = policy.scan(self.proc)
-        for w in warnings:
-            if w not in self._warned:
-                self._warned.add(w)
-                log.warning("scan: %s", w)
-        ranked = policy.rank(candidates, self.cfg.rules, sort_by=self.cfg.sort_by,
-                             min_rss=self.cfg.min_rss)
-        self._ranked = (time.monotonic(), ranked)
-        return ranked
+    def refresh(self) -> None:
+        with self._lock:  # the loop and the scan thread may both ask
+            candidates, warnings = policy.scan(self.proc)
+            for w in warnings:
+                if w not in self._warned:
+                    self._warned.add(w)
+                    log.warning("scan: %s", w)
+            prefs = preferences(candidates, self.unified)
+            ranked = policy.rank(candidates, self.cfg.rules, sort_by=self.cfg.sort_by,
+                                 min_rss=self.cfg.min_rss, cgroup_preferences=prefs)
+            self._snapshot = (time.monotonic(), candidates, prefs, ranked)
 
     def peek(self) -> list[policy.Ranked]:
-        """The cached ranking as it is (no scan)."""
-        return self._ranked[1]
+        """The cached machine-wide ranking as it is (no scan)."""
+        return self._snapshot[3]
 
-    def get(self, max_age: float) -> tuple[list[policy.Ranked], float]:
-        """The cached ranking if younger than max_age, else a fresh one; and its age."""
-        at, ranked = self._ranked
-        age = time.monotonic() - at
-        if age > max_age or not ranked:
-            ranked = self.refresh()
-            age = 0.0
-        return ranked, age
+    def get(self, max_age: float) -> tuple[list[policy.Candidate], dict[str, str],
+                                           list[policy.Ranked], float]:
+        """Candidates, cgroup preferences and the machine-wide ranking, younger than
+        max_age (scanning now if the cached one is older); and their age."""
+        at, candidates, prefs, ranked = self._snapshot
+        if time.monotonic() - at > max_age or not candidates:
+            self.refresh()
+            at, candidates, prefs, ranked = self._snapshot
+        return candidates, prefs, ranked, time.monotonic() - at
 
     def _loop(self) -> None:
         while not self._stop:
@@ -179,40 +197,25 @@ class CandidateCache:
 # --- the loop -----------------------------------------------------------------------------
 
 
-@dataclass
-class _InFlight:
-    future: Future[KillReport]
-    escalation: Escalation
-    detected_at: float
-    available_at_kill: int
-
-
 class Daemon:
     """The only object that knows every stage."""
 
-    def __init__(self, cfg: Config, *, config_path: str | None = None,
-                 config_required: bool = False,
-                 reload: Callable[[], Config] | None = None,
+    def __init__(self, cfg: Config, *, reload: Callable[[], Config] | None = None,
                  meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo,
                  sink: Sink | None = None) -> None:
         self.cfg = cfg
-        self.config_path = config_path
         self._reload = reload
         self.meminfo = meminfo
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signals: list[int] = []
         self._stop = False
         self.kills: list[KillReport] = []
-        self._inflight: _InFlight | None = None
-        self._settle: tuple[float, int] | None = None  # (deadline, MemAvailable to reach)
-        self._dry_run_quiet_until = 0.0
-        self._warned = False
-        self._episode_since: float | None = None
-        self._episode_last = 0.0
-        self._episode_peak = Severity.NONE
-        self._last_look: tuple[procfs.MemInfo, Verdict] | None = None
+        self.scopes: dict[str, Scope] = {}
         self._cache: CandidateCache | None = None
         self._sampled_at = -SAMPLE_EVERY
+        self._resolved_at = 0.0
+        self._unified = ""
+        self._previous_sizes: dict[str, dict[str, int]] = {}
         self.sink: Sink = sink if sink is not None else LogSink()
 
     # -- signals: recorded by the handler, handled in the loop
@@ -221,8 +224,11 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop = True
+        self._poke()
+
+    def _poke(self) -> None:
         with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+            os.write(self._wake_w, b"k")
 
     def run(self) -> int:
         cfg = self.cfg
@@ -239,21 +245,26 @@ class Daemon:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        psi = PsiMonitor(cfg.psi)
-        if psi.fallback:
-            log.warning("PSI triggers unavailable (%s): reading the averages instead",
-                        psi.fallback)
+        try:
+            self._unified = cgroup.find_mounts().unified
+        except OSError:
+            self._unified = ""
+        machine = MachineScope(cfg, self.meminfo)
+        self.scopes[MACHINE] = machine
+        log.info("scope machine: %s", machine.capabilities())
+        self._resolve(time.monotonic())
         pool = ReaperPool(cfg.reapers)
-        cache = CandidateCache(cfg)
+        cache = CandidateCache(cfg, self._unified)
         self._cache = cache
         cache.start()
         log.info("running%s: %s", " (dry run)" if cfg.dry_run else "", describe(cfg))
         try:
-            self._loop(psi, pool, cache)
+            self._loop(pool, cache)
         finally:
             cache.stop()
             pool.shutdown(wait=True)
-            psi.close()
+            for scope in self.scopes.values():
+                scope.close()
             self.sink.close()
             signal.set_wakeup_fd(-1)
             for fd in (self._wake_r, self._wake_w):
@@ -261,169 +272,291 @@ class Daemon:
         log.info("stopped")
         return 0
 
-    def _loop(self, psi: PsiMonitor, pool: ReaperPool, cache: CandidateCache) -> None:
-        rate = FallRate()
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        for fd in psi.fds:
-            poller.register(fd, select.POLLPRI)
+    def _resolve(self, now: float) -> None:
+        """Match the [[scope]] patterns against the cgroup tree: add new cgroups, drop
+        removed ones (a kill in flight there finishes on its own)."""
+        self._resolved_at = now
+        if not self.cfg.scopes:
+            return
+        if not self._unified:
+            log.warning("no cgroup2 mount: %d configured scopes ignored, machine scope only",
+                        len(self.cfg.scopes))
+            self.cfg = dataclasses.replace(self.cfg, scopes=())
+            return
+        wanted = resolve_scopes(self.cfg, self._unified)
+        for name in [n for n in self.scopes if n != MACHINE and n not in wanted]:
+            log.info("scope %s: cgroup gone, dropped", name)
+            self.scopes.pop(name).close()
+        for name, (sc, path) in wanted.items():
+            if name not in self.scopes:
+                scope = CgroupScope(sc, name, path, self._unified, poll_min=self.cfg.poll_min,
+                                    poll_max=self.cfg.poll_max)
+                self.scopes[name] = scope
+                try:
+                    log.info("scope %s: %s", name, scope.capabilities())
+                except cgroup.CgroupGone:
+                    self.scopes.pop(name).close()
+
+    def _loop(self, pool: ReaperPool, cache: CandidateCache) -> None:
         while not self._stop:
             now = time.monotonic()
-            mem = self.meminfo()
-            rate.update(now, mem.mem_available)
-            psi.refresh_averages()
-            verdict = assess(self.cfg, mem, psi.active(now))
-            self._track_episode(verdict, now, mem)
-            self._last_look = (mem, verdict)
+            if now - self._resolved_at >= self.cfg.scan_interval:
+                self._resolve(now)
+            urgent = False
+            for scope in list(self.scopes.values()):
+                urgent |= self._tend(scope, now, pool, cache)
+            cache.set_urgent(urgent)
             if now - self._sampled_at >= SAMPLE_EVERY:  # gauges: not on every look
                 self._sampled_at = now
-                self.sink.sample(self._sample(mem, psi))
-            cache.set_urgent(verdict.severity >= Severity.WARN)
-            self._collect(pool)
-            if self._inflight and verdict.severity == Severity.KILL:
-                self._inflight.escalation.set()  # cut a SIGTERM grace period short
-            if verdict.severity >= Severity.TERM and self._ready(mem):
-                self._act(verdict, now, pool, cache, psi)
-            timeout = next_interval(self.cfg, mem, rate.rate)
-            if self._episode_since is not None:
-                timeout = min(timeout, EPISODE_CALM)
-            if self._inflight or self._settle:
-                timeout = min(timeout, 0.05)
-            for fd, revents in poller.poll(timeout * 1000):
-                if fd == self._wake_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 512)
-                else:
-                    psi.on_event(fd, revents, time.monotonic())
-            self._handle_signals(psi, poller, cache)
+                for scope in self.scopes.values():
+                    if scope.last is not None:
+                        self.sink.sample(scope.sample())
+            self._wait(min(self._timeout(scope) for scope in self.scopes.values()))
+            self._handle_signals(cache)
 
-    def _track_episode(self, verdict: Verdict, now: float, mem: procfs.MemInfo) -> None:
+    def _tend(self, scope: Scope, now: float, pool: ReaperPool, cache: CandidateCache) -> bool:
+        """One look at one scope and what follows from it.  True if it is under pressure."""
+        try:
+            look = scope.look(now)
+        except cgroup.CgroupGone:
+            log.info("scope %s: cgroup removed, dropped", scope.name)
+            self.scopes.pop(scope.name).close()
+            return False
+        verdict = look.verdict
+        self._track_episode(scope, verdict, now, look.available)
+        self._collect(scope)
+        if scope.inflight and scope.inflight.escalation and verdict.severity == Severity.KILL:
+            scope.inflight.escalation.set()  # cut a SIGTERM grace period short
+        if verdict.severity >= Severity.TERM and self._ready(scope, look.available):
+            self._act(scope, verdict, now, pool, cache)
+        return verdict.severity >= Severity.WARN
+
+    def _timeout(self, scope: Scope) -> float:
+        timeout = scope.interval()
+        if scope.episode_since is not None:
+            timeout = min(timeout, EPISODE_CALM)
+        if scope.inflight or scope.settle:
+            timeout = min(timeout, 0.05)
+        return timeout
+
+    def _wait(self, timeout: float) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        owner: dict[int, Scope] = {}
+        for scope in self.scopes.values():
+            for fd in scope.psi.fds:
+                poller.register(fd, select.POLLPRI)
+                owner[fd] = scope
+        for fd, revents in poller.poll(timeout * 1000):
+            if fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+            elif fd in owner:
+                # POLLERR: the cgroup was removed; the next look drops the scope.
+                owner[fd].psi.on_event(fd, revents, time.monotonic())
+
+    def _track_episode(self, scope: Scope, verdict: Verdict, now: float,
+                       available: int | None) -> None:
         """Start, peak and end of a pressure episode.  An episode ends only after
         EPISODE_CALM seconds without any level held, so a reading that hovers at a
         level does not flood the log."""
         if verdict.severity >= Severity.WARN:
-            if self._episode_since is None:
-                self._episode_since, self._episode_peak = now, verdict.severity
-                self._emit_episode("start", verdict, now, mem)
-            elif verdict.severity > self._episode_peak:
-                self._episode_peak = verdict.severity
-                self._emit_episode("peak", verdict, now, mem)
-            self._episode_last = now
-        elif self._episode_since is not None and now - self._episode_last >= EPISODE_CALM:
-            self._emit_episode("end", Verdict(self._episode_peak, "pressure over"),
-                               self._episode_last, mem)
-            self._episode_since = None
+            if scope.episode_since is None:
+                scope.episode_since, scope.episode_peak = now, verdict.severity
+                self._emit_episode(scope, "start", verdict, now, available)
+            elif verdict.severity > scope.episode_peak:
+                scope.episode_peak = verdict.severity
+                self._emit_episode(scope, "peak", verdict, now, available)
+            scope.episode_last = now
+        elif scope.episode_since is not None and now - scope.episode_last >= EPISODE_CALM:
+            self._emit_episode(scope, "end", Verdict(scope.episode_peak, "pressure over"),
+                               scope.episode_last, available)
+            scope.episode_since = None
 
-    def _emit_episode(self, phase: str, verdict: Verdict, now: float,
-                      mem: procfs.MemInfo) -> None:
-        assert self._episode_since is not None
+    def _emit_episode(self, scope: Scope, phase: str, verdict: Verdict, now: float,
+                      available: int | None) -> None:
+        assert scope.episode_since is not None
         self.sink.episode(Episode(
-            scope="machine", phase=phase, severity=verdict.severity.name.lower(),
-            reason=verdict.reason, wall_time=time.time(), duration_s=now - self._episode_since,
-            mem_available=mem.mem_available))
+            scope=scope.name, phase=phase, severity=verdict.severity.name.lower(),
+            reason=verdict.reason, wall_time=time.time(), duration_s=now - scope.episode_since,
+            mem_available=available))
 
-    def _ready(self, mem: procfs.MemInfo) -> bool:
-        """No kill in flight, and the last kill's recovery has shown (or timed out)."""
-        if self._inflight is not None:
+    def _ready(self, scope: Scope, available: int | None) -> bool:
+        """No kill in flight in this scope, and its last kill's recovery has shown (or
+        timed out)."""
+        if scope.inflight is not None or time.monotonic() < scope.quiet_until:
             return False
-        if time.monotonic() < self._dry_run_quiet_until:
-            return False
-        if self._settle is not None:
-            deadline, target = self._settle
-            if mem.mem_available < target and time.monotonic() < deadline:
+        if scope.settle is not None:
+            deadline, target = scope.settle
+            if (target is not None and available is not None and available < target
+                    and time.monotonic() < deadline):
                 return False
-            self._settle = None
+            scope.settle = None
         return True
 
-    def _collect(self, pool: ReaperPool) -> None:
-        inflight = self._inflight
+    def _collect(self, scope: Scope) -> None:
+        inflight = scope.inflight
         if inflight is None or not inflight.future.done():
             return
-        self._inflight = None
-        inflight.escalation.close()
+        scope.inflight = None
+        if inflight.escalation:
+            inflight.escalation.close()
         try:
-            report = inflight.future.result()
+            result = inflight.future.result()
         except Exception:
-            log.exception("kill failed")
+            log.exception("[%s] kill failed", scope.name)
             return
-        self.kills.append(report)
+        if isinstance(result, GroupKillReport):
+            log.warning("%s%s", "" if scope.name == MACHINE else f"[{scope.name}] ",
+                        result.human())
+            reports = list(result.members)
+            freed = result.freed_bytes
+        else:
+            reports = [result]
+            freed = result.freed_bytes
+        for report in reports:
+            self.kills.append(report)
+            self.sink.kill(report, scope.name)
         del self.kills[:-KEEP_KILLS]
-        self.sink.kill(report, "machine")
         # After a kill, MemAvailable lags what came back (per-CPU free lists, see
         # research/mrelease-facts.md): wait until it shows most of what the kill
         # measurably freed, or a short bound, before judging whether to act again.
-        freed = max(report.freed_bytes or 0, 0)
-        self._settle = (time.monotonic() + min(1.0, self.cfg.recovery_timeout),
-                        inflight.available_at_kill + int(freed * 0.75))
+        target = None
+        if inflight.available_at_kill is not None:
+            target = inflight.available_at_kill + int(max(freed or 0, 0) * 0.75)
+        scope.settle = (time.monotonic() + min(1.0, self.cfg.recovery_timeout), target)
 
-    def _act(self, verdict: Verdict, detected_at: float, pool: ReaperPool,
-             cache: CandidateCache, psi: PsiMonitor) -> None:
-        ranked, age = cache.get(max_age=self.cfg.scan_interval)
-        victim = self._pin_first(ranked)
-        if victim is None:
-            if not self._warned:
-                log.error("%s, but no process may be killed (all protected, excluded or "
-                          "gone)", verdict.reason)
-                self._warned = True
+    def _act(self, scope: Scope, verdict: Verdict, detected_at: float, pool: ReaperPool,
+             cache: CandidateCache) -> None:
+        candidates, prefs, machine_ranked, age = cache.get(max_age=self.cfg.scan_interval)
+        if isinstance(scope, CgroupScope):
+            ranked = policy.rank(candidates, self.cfg.rules, sort_by=self.cfg.sort_by,
+                                 min_rss=self.cfg.min_rss, scope_cgroup=scope.cgroup_path,
+                                 cgroup_preferences=prefs)
+        else:
+            ranked = machine_ranked
+        if isinstance(scope, CgroupScope) and scope.sc.unit == "cgroup":
+            unit = self._pick_group(scope, candidates, ranked)
+            if unit is not None:
+                self._kill_group(scope, unit[0], unit[1], verdict, detected_at=detected_at,
+                                 pool=pool, age=age)
+                return
+        victim, chosen = self._pin_first(ranked)
+        if victim is None or chosen is None:
+            if not scope.warned_no_victim:
+                log.error("%s%s, but no process may be killed (all protected, excluded or "
+                          "gone)", _prefix(scope), verdict.reason)
+                scope.warned_no_victim = True
             return
-        self._warned = False
+        scope.warned_no_victim = False
         # One more look: the scan may have taken long enough for pressure to clear.
-        mem = self.meminfo()
-        again = assess(self.cfg, mem, psi.active(time.monotonic()))
-        if again.severity < Severity.TERM:
-            log.info("pressure cleared before the kill (%s); %d %r spared", verdict.reason,
-                     victim.pid, victim.name)
+        again = scope.look(time.monotonic())
+        if again.verdict.severity < Severity.TERM:
+            log.info("%spressure cleared before the kill (%s); %d %r spared", _prefix(scope),
+                     verdict.reason, victim.pid, victim.name)
             victim.close()
+            return
+        why = _why(scope, again.verdict, chosen)
+        group = self._oom_group_of(victim)
+        if group is not None:
+            victim.close()
+            self._kill_group(scope, group, f"memory.oom.group=1 of {victim.pid} "
+                                           f"{victim.name!r}", again.verdict,
+                             detected_at=detected_at, pool=pool, age=age)
             return
         decided_ms = (time.monotonic() - detected_at) * 1000
         if self.cfg.dry_run:
-            log.warning("dry run: would kill %d %r (rss %s) [%s]; decided in %.1f ms",
-                        victim.pid, victim.name, fmt_bytes(victim.holdings.vm_rss),
-                        again.reason, decided_ms)
+            log.warning("%sdry run: would kill %d %r (rss %s) [%s]; decided in %.1f ms",
+                        _prefix(scope), victim.pid, victim.name,
+                        fmt_bytes(victim.holdings.vm_rss), why, decided_ms)
             victim.close()
-            self._dry_run_quiet_until = time.monotonic() + self.cfg.recovery_timeout
+            scope.quiet_until = time.monotonic() + self.cfg.recovery_timeout
             return
-        options = KillOptions(
-            term_timeout=self.cfg.term_timeout if again.severity == Severity.TERM else 0.0,
-            exit_timeout=self.cfg.recovery_timeout, mrelease=self.cfg.mrelease,
-            demote=self.cfg.demote)
+        term = again.verdict.severity == Severity.TERM
+        options = KillOptions(term_timeout=self.cfg.term_timeout if term else 0.0,
+                              exit_timeout=self.cfg.recovery_timeout,
+                              mrelease=self.cfg.mrelease, demote=self.cfg.demote)
         escalation = Escalation()
-        log.info("killing %d %r (rss %s) [%s]; decided in %.1f ms from a %.0f ms old ranking",
-                 victim.pid, victim.name, fmt_bytes(victim.holdings.vm_rss), again.reason,
-                 decided_ms, age * 1000)
-        future = pool.submit(victim, options, reason=again.reason, escalation=escalation)
+        log.info("%skilling %d %r (rss %s) [%s]; decided in %.1f ms from a %.0f ms old "
+                 "ranking", _prefix(scope), victim.pid, victim.name,
+                 fmt_bytes(victim.holdings.vm_rss), why, decided_ms, age * 1000)
+        future = pool.submit(victim, options, reason=why, escalation=escalation)
         future.add_done_callback(lambda _f: self._poke())
-        self._inflight = _InFlight(future, escalation, detected_at, mem.mem_available)
+        scope.inflight = InFlight(future, escalation, detected_at, again.available)
 
-    def _sample(self, mem: procfs.MemInfo, psi: PsiMonitor) -> Sample:
-        distance: dict[str, int | None] = {}
-        for level in config_mod.LEVELS:
-            limit = self.cfg.memory[level].bytes_of(mem.mem_total)
-            distance[level] = None if limit is None else mem.mem_available - limit
-        avgs = psi.averages()
-        return Sample(scope="machine", mem_available=mem.mem_available,
-                      swap_free=mem.swap_free if mem.swap_total else None,
-                      psi_some_avg10=avgs.get("some"), psi_full_avg10=avgs.get("full"),
-                      distance=distance)
+    def _pick_group(self, scope: CgroupScope, candidates: list[policy.Candidate],
+                    ranked: list[policy.Ranked]) -> tuple[str, str] | None:
+        assert scope.cgroup_dir is not None
+        previous = self._previous_sizes.get(scope.name, {})
+        children = child_cgroups(scope.cgroup_dir, self._unified, candidates, ranked,
+                                 previous=previous, interval=self.cfg.scan_interval)
+        self._previous_sizes[scope.name] = {c.path: c.size for c in children}
+        child = pick_child(children, scope.sc.select)
+        if child is None:
+            log.info("[%s] no child cgroup may be killed: killing a process instead",
+                     scope.name)
+            return None
+        figure = {"size": fmt_bytes(child.size), "growth": f"{fmt_bytes(int(child.growth))}/s",
+                  "pressure": f"some avg10 {child.pressure:.1f}%"}[scope.sc.select]
+        return child.path, f"largest {scope.sc.select} among {len(children)} children: {figure}"
+
+    def _oom_group_of(self, victim: Victim) -> str | None:
+        """memory.oom.group=1 on the victim's own cgroup: the group dies together."""
+        if not self._unified or victim.cgroups.unified in ("", "/"):
+            return None
+        leaf = os.path.join(self._unified, victim.cgroups.unified.lstrip("/"))
+        return leaf if cgroup.oom_group(leaf) else None
+
+    def _kill_group(self, scope: Scope, path: str, chosen: str, verdict: Verdict, *,
+                    detected_at: float, pool: ReaperPool, age: float) -> None:
+        try:
+            victims, skipped = pin_cgroup(path)
+        except VictimError as e:
+            log.error("%snot killing cgroup %s: %s", _prefix(scope), path, e)
+            return
+        if not victims:
+            log.info("%scgroup %s is empty", _prefix(scope), path)
+            return
+        why = f"{scope.name} {verdict.reason}; chose cgroup {path}: {chosen}"
+        decided_ms = (time.monotonic() - detected_at) * 1000
+        if self.cfg.dry_run:
+            log.warning("%sdry run: would kill cgroup %s (%d processes) [%s]; decided in "
+                        "%.1f ms", _prefix(scope), path, len(victims), why, decided_ms)
+            for v in victims:
+                v.close()
+            scope.quiet_until = time.monotonic() + self.cfg.recovery_timeout
+            return
+        log.info("%skilling cgroup %s (%d processes) [%s]; decided in %.1f ms from a %.0f ms "
+                 "old ranking", _prefix(scope), path, len(victims), why, decided_ms, age * 1000)
+        options = KillOptions(exit_timeout=self.cfg.recovery_timeout, mrelease=self.cfg.mrelease)
+        future = pool.submit_group(path, victims, options, reason=why, skipped=tuple(skipped))
+        future.add_done_callback(lambda _f: self._poke())
+        available = scope.last.available if scope.last else None
+        scope.inflight = InFlight(future, None, detected_at, available)
+
+    @staticmethod
+    def _pin_first(ranked: list[policy.Ranked]) -> tuple[Victim | None, policy.Ranked | None]:
+        for r in ranked:
+            if r.excluded is not None:
+                continue
+            c = r.candidate
+            try:
+                return Victim.open(c.pid, starttime=c.starttime), r
+            except VictimError as e:
+                log.debug("skipping %d: %s", c.pid, e)
+        return None, None
 
     def status(self, top: int = 10) -> dict[str, object]:
         """What the daemon decides from, for `mreaper status` (systemd-oomd's `oomctl
         dump` idea): per scope the figures, the levels and the distance to them, the
         top candidates, the last kills.  Safe to call from another thread."""
-        look = self._last_look
         scopes: list[dict[str, object]] = []
-        if look is not None:
-            mem, verdict = look
-            scopes.append({
-                "scope": "machine", "severity": verdict.severity.name.lower(),
-                "reason": verdict.reason, "mem_total": mem.mem_total,
-                "mem_available": mem.mem_available, "swap_total": mem.swap_total,
-                "swap_free": mem.swap_free,
-                "levels": {lvl: self.cfg.memory[lvl].bytes_of(mem.mem_total)
-                           for lvl in config_mod.LEVELS},
-                "swap_levels": {lvl: self.cfg.swap[lvl].bytes_of(mem.swap_total)
-                                for lvl in config_mod.LEVELS},
-            })
+        for scope in list(self.scopes.values()):
+            look = scope.last
+            if look is None:
+                continue
+            scopes.append({"scope": scope.name, "severity": look.verdict.severity.name.lower(),
+                           "reason": look.verdict.reason, **look.figures})
         candidates: list[dict[str, object]] = []
         if self._cache is not None:
             for r in self._cache.peek()[:top]:
@@ -435,24 +568,7 @@ class Daemon:
                 "scopes": scopes, "candidates": candidates,
                 "kills": [k.to_dict() for k in list(self.kills)[-top:]]}
 
-    def _poke(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"k")
-
-    @staticmethod
-    def _pin_first(ranked: list[policy.Ranked]) -> Victim | None:
-        for r in ranked:
-            if r.excluded is not None:
-                continue
-            c = r.candidate
-            try:
-                return Victim.open(c.pid, starttime=c.starttime)
-            except VictimError as e:
-                log.debug("skipping %d: %s", c.pid, e)
-        return None
-
-    def _handle_signals(self, psi: PsiMonitor, poller: select.poll,
-                        cache: CandidateCache) -> None:
+    def _handle_signals(self, cache: CandidateCache) -> None:
         while self._signals:
             sig = self._signals.pop(0)
             if sig == signal.SIGHUP:
@@ -470,11 +586,28 @@ class Daemon:
         except config_mod.ConfigError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             return
-        if new.psi != self.cfg.psi or new.reapers != self.cfg.reapers:
-            log.warning("reload: psi and reapers changes take effect on restart")
+        if (new.psi != self.cfg.psi or new.reapers != self.cfg.reapers
+                or new.scopes != self.cfg.scopes):
+            log.warning("reload: psi, scopes and reapers changes take effect on restart")
+            new = dataclasses.replace(new, psi=self.cfg.psi, reapers=self.cfg.reapers,
+                                      scopes=self.cfg.scopes)
         self.cfg = new
         cache.cfg = new
+        machine = self.scopes.get(MACHINE)
+        if isinstance(machine, MachineScope):
+            machine.cfg = new
         log.info("configuration reloaded from %s: %s", new.origin, describe(new))
+
+
+def _prefix(scope: Scope) -> str:
+    return "" if scope.name == MACHINE else f"[{scope.name}] "
+
+
+def _why(scope: Scope, verdict: Verdict, chosen: policy.Ranked) -> str:
+    """The reason a report carries: the scope, what held, and why this victim."""
+    rules = f" ({', '.join(chosen.touched_by)})" if chosen.touched_by else ""
+    where = "" if scope.name == MACHINE else f"{scope.name} "
+    return f"{where}{verdict.reason}; top score {chosen.score}{rules}"
 
 
 def describe(cfg: Config) -> str:

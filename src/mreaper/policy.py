@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mreaper import reap
@@ -177,8 +177,13 @@ def in_scope(cgroup: str, scope: str) -> bool:
 
 def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
          sort_by: SortBy = SortBy.OOM_SCORE, min_rss: int = 0,
-         scope_cgroup: str | None = None) -> list[Ranked]:
+         scope_cgroup: str | None = None,
+         cgroup_preferences: Mapping[str, str] | None = None) -> list[Ranked]:
     """Score and order `candidates`.  Pure.
+
+    `cgroup_preferences` maps cgroup v2 paths to systemd's ManagedOOMPreference= as
+    found in the user.oomd_omit / user.oomd_avoid xattrs: "omit" excludes every process
+    in that cgroup or below it, "avoid" adds the avoid adjustment (-300).
 
     Base score: oom_score, or rss // MiB with SortBy.RSS.  Every matching prefer/avoid
     rule adds its adjustment.  Excluded (kept in the list, with the reason): a match of
@@ -206,6 +211,16 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
             else:
                 score += rule.effective_adjust
                 touched.append(f"{label}: {rule.effective_adjust:+d}")
+        if cgroup_preferences:
+            pref = preference_of(c.cgroup, cgroup_preferences)
+            if pref is not None:
+                where, what = pref
+                if what == "omit":
+                    reasons.append(f"user.oomd_omit on {where}")
+                elif what == "avoid":
+                    score -= DEFAULT_ADJUST
+                    touched.append(f"user.oomd_avoid on {where}: "
+                                   f"{-DEFAULT_ADJUST:+d}")
         if c.oom_score_adj <= OOM_SCORE_ADJ_MIN:
             reasons.append(f"oom_score_adj {c.oom_score_adj}")
         if scope_cgroup is not None and not in_scope(c.cgroup, scope_cgroup):
@@ -217,6 +232,17 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
     ranked.sort(key=lambda r: (r.excluded is not None, -r.score, -r.candidate.rss,
                                r.candidate.pid))
     return ranked
+
+
+def preference_of(cgroup: str, preferences: Mapping[str, str]) -> tuple[str, str] | None:
+    """The nearest (deepest) cgroup at or above `cgroup` with a preference, and it."""
+    path = cgroup.rstrip("/") or "/"
+    while True:
+        if path in preferences:
+            return path, preferences[path]
+        if path in ("/", ""):
+            return None
+        path = path.rsplit("/", 1)[0] or "/"
 
 
 def choose(ranked: Sequence[Ranked]) -> Ranked | None:

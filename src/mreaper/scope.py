@@ -1,0 +1,307 @@
+"""Scopes at run time: the machine and each watched cgroup, each with its own look at
+pressure, its PSI triggers, its pressure episode and at most one kill in flight.
+
+A scope turns facts into a `Look` (verdict plus figures); the daemon decides what to
+do with it.  Cgroup scopes come from `[[scope]]` patterns, resolved against the
+cgroup2 mount now and again, so cgroups that appear are picked up and those removed
+are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from mreaper import config as config_mod
+from mreaper import policy
+from mreaper.config import Config, ScopeConfig
+from mreaper.detect import (
+    ASSUMED_FILL_RATE,
+    FallRate,
+    PsiMonitor,
+    Severity,
+    Verdict,
+    assess,
+    assess_scope,
+    next_interval,
+    parse_pressure,
+)
+from mreaper.linux import cgroup, procfs
+from mreaper.reap import Escalation, GroupKillReport, KillReport
+from mreaper.report import Sample
+
+MACHINE = "machine"
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    verdict: Verdict
+    available: int | None   # what recovery is judged on: MemAvailable, or cgroup headroom
+    figures: dict[str, object]
+
+
+@dataclass
+class InFlight:
+    future: Future[KillReport] | Future[GroupKillReport]
+    escalation: Escalation | None
+    detected_at: float
+    available_at_kill: int | None
+
+
+@dataclass
+class Scope:
+    """What every scope keeps between looks."""
+
+    name: str
+    psi: PsiMonitor
+    cgroup_dir: str | None = None     # None: the machine
+    cgroup_path: str | None = None    # as /proc/<pid>/cgroup shows it ("/a/b")
+    inflight: InFlight | None = None
+    settle: tuple[float, int | None] | None = None  # (deadline, available to reach)
+    quiet_until: float = 0.0          # dry run: no repeat before this
+    warned_no_victim: bool = False
+    episode_since: float | None = None
+    episode_last: float = 0.0
+    episode_peak: Severity = Severity.NONE
+    last: Look | None = None
+    fall: FallRate = field(default_factory=FallRate)
+
+    def look(self, now: float) -> Look:
+        raise NotImplementedError
+
+    def interval(self) -> float:
+        raise NotImplementedError
+
+    def sample(self) -> Sample:
+        raise NotImplementedError
+
+    def capabilities(self) -> str:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.psi.close()
+
+
+class MachineScope(Scope):
+    """The whole machine: MemAvailable, SwapFree and /proc/pressure/memory."""
+
+    def __init__(self, cfg: Config, meminfo: Callable[[], procfs.MemInfo]) -> None:
+        super().__init__(name=MACHINE, psi=PsiMonitor(cfg.psi))
+        self.cfg = cfg
+        self.meminfo = meminfo
+        self._mem: procfs.MemInfo | None = None
+
+    def look(self, now: float) -> Look:
+        mem = self.meminfo()
+        self._mem = mem
+        self.fall.update(now, mem.mem_available)
+        self.psi.refresh_averages()
+        verdict = assess(self.cfg, mem, self.psi.active(now))
+        figures: dict[str, object] = {
+            "mem_total": mem.mem_total, "mem_available": mem.mem_available,
+            "swap_total": mem.swap_total, "swap_free": mem.swap_free,
+            "levels": {lvl: self.cfg.memory[lvl].bytes_of(mem.mem_total)
+                       for lvl in config_mod.LEVELS},
+            "swap_levels": {lvl: self.cfg.swap[lvl].bytes_of(mem.swap_total)
+                            for lvl in config_mod.LEVELS},
+        }
+        self.last = Look(verdict, mem.mem_available, figures)
+        return self.last
+
+    def interval(self) -> float:
+        if self._mem is None:
+            return self.cfg.poll_min
+        return next_interval(self.cfg, self._mem, self.fall.rate)
+
+    def sample(self) -> Sample:
+        mem = self._mem
+        assert mem is not None
+        distance: dict[str, int | None] = {}
+        for level in config_mod.LEVELS:
+            limit = self.cfg.memory[level].bytes_of(mem.mem_total)
+            distance[level] = None if limit is None else mem.mem_available - limit
+        avgs = self.psi.averages()
+        return Sample(scope=self.name, mem_available=mem.mem_available,
+                      swap_free=mem.swap_free if mem.swap_total else None,
+                      psi_some_avg10=avgs.get("some"), psi_full_avg10=avgs.get("full"),
+                      distance=distance)
+
+    def capabilities(self) -> str:
+        psi = (f"PSI averages ({self.psi.fallback})" if self.psi.fallback
+               else f"PSI triggers ({len(self.psi.fds)})" if self.psi.fds else "PSI off")
+        return f"MemAvailable, SwapFree, {psi}"
+
+
+class CgroupScope(Scope):
+    """One cgroup v2 subtree: headroom against memory.max/high, its memory.pressure
+    triggers, and memory.events counters."""
+
+    def __init__(self, sc: ScopeConfig, name: str, cgroup_dir: str, unified: str, *,
+                 poll_min: float, poll_max: float) -> None:
+        super().__init__(name=name, psi=PsiMonitor(sc.psi, os.path.join(cgroup_dir,
+                                                                         "memory.pressure")),
+                         cgroup_dir=cgroup_dir, cgroup_path=cgroup.relative(unified, cgroup_dir))
+        self.sc = sc
+        self.poll_min, self.poll_max = poll_min, poll_max
+        self._events: dict[str, int] | None = None
+        self._state: cgroup.MemoryState | None = None
+
+    def look(self, now: float) -> Look:
+        assert self.cgroup_dir is not None
+        state = cgroup.read_memory_state(self.cgroup_dir)  # CgroupGone: the daemon drops us
+        delta = {k: v - self._events.get(k, 0) for k, v in state.events.items()} \
+            if self._events is not None else {}
+        self._events = state.events
+        self._state = state
+        if state.headroom is not None:
+            self.fall.update(now, state.headroom)
+        self.psi.refresh_averages()
+        verdict = assess_scope(self.sc, state, self.psi.active(now), delta)
+        limit = state.limit
+        figures: dict[str, object] = {
+            "cgroup": self.cgroup_dir, "current": state.current, "limit": limit,
+            "headroom": state.headroom, "events": state.events,
+            "levels": {lvl: (self.sc.headroom[lvl].bytes_of(limit) if limit is not None
+                             else None) for lvl in config_mod.LEVELS},
+        }
+        self.last = Look(verdict, state.headroom, figures)
+        return self.last
+
+    def interval(self) -> float:
+        """Like the machine's: the nearer the headroom to an action level and the faster
+        it shrinks, the sooner the next look.  Without headroom figures, PSI triggers
+        and events are what we have: look every poll_max."""
+        state = self._state
+        if state is None or state.headroom is None or state.limit is None:
+            return self.poll_max
+        bounds = [self.sc.headroom[lvl].bytes_of(state.limit) for lvl in ("term", "kill")]
+        target = max((b for b in bounds if b is not None), default=None)
+        if target is None:
+            return self.poll_max
+        room = state.headroom - target
+        if room <= 0:
+            return self.poll_min
+        rate = max(self.fall.rate, ASSUMED_FILL_RATE)
+        return min(max(room / rate / 2, self.poll_min), self.poll_max)
+
+    def sample(self) -> Sample:
+        state = self._state
+        distance: dict[str, int | None] = {}
+        for level in config_mod.LEVELS:
+            bound = (self.sc.headroom[level].bytes_of(state.limit)
+                     if state is not None and state.limit is not None else None)
+            distance[level] = (None if bound is None or state is None or state.headroom is None
+                               else state.headroom - bound)
+        avgs = self.psi.averages()
+        return Sample(scope=self.name, mem_available=state.headroom if state else None,
+                      swap_free=None, psi_some_avg10=avgs.get("some"),
+                      psi_full_avg10=avgs.get("full"), distance=distance)
+
+    def capabilities(self) -> str:
+        assert self.cgroup_dir is not None
+        state = self._state or cgroup.read_memory_state(self.cgroup_dir)
+        parts = [f"cgroup {self.cgroup_dir}"]
+        if state.current is None:
+            parts.append("headroom: no (no memory.current: the memory controller is not "
+                         "enabled for this cgroup)")
+        elif state.limit is None:
+            parts.append("headroom: no (memory.max and memory.high are 'max')")
+        else:
+            parts.append(f"headroom: yes (limit {state.limit >> 20} MiB)")
+        parts.append(f"psi: averages ({self.psi.fallback})" if self.psi.fallback
+                     else f"psi: {len(self.psi.fds)} triggers" if self.psi.fds else "psi: off")
+        parts.append("events: yes" if state.events else "events: no (no memory.events)")
+        parts.append(f"cgroup.kill: {'yes' if cgroup.can_kill(self.cgroup_dir) else 'no'}")
+        parts.append(f"unit: {self.sc.unit}" + (f" by {self.sc.select}"
+                                                 if self.sc.unit == "cgroup" else ""))
+        return "; ".join(parts)
+
+
+def scope_name(sc: ScopeConfig, cgroup_path: str) -> str:
+    """A glob pattern names one scope per matching cgroup: "<name>@<path>"."""
+    return f"{sc.name}@{cgroup_path}" if any(ch in sc.cgroup for ch in "*?[") else sc.name
+
+
+def resolve_scopes(cfg: Config, unified: str) -> dict[str, tuple[ScopeConfig, str]]:
+    """Scope name -> (its config, its cgroup directory), for every pattern now."""
+    out: dict[str, tuple[ScopeConfig, str]] = {}
+    for sc in cfg.scopes:
+        for d in cgroup.resolve(unified, sc.cgroup):
+            out[scope_name(sc, cgroup.relative(unified, d))] = (sc, d)
+    return out
+
+
+# --- choosing within a scope ------------------------------------------------------------
+
+
+def preferences(candidates: Sequence[policy.Candidate], unified: str,
+                read: Callable[[str], str | None] = cgroup.oomd_preference) -> dict[str, str]:
+    """systemd's ManagedOOMPreference= xattrs for the cgroups the candidates live in and
+    their ancestors: cgroup path -> "omit" | "avoid".  One read per distinct cgroup."""
+    if not unified:
+        return {}
+    seen: dict[str, str | None] = {}
+    for c in candidates:
+        path = c.cgroup
+        while path and path not in seen:
+            seen[path] = read(os.path.join(unified, path.lstrip("/"))) if path != "/" else None
+            path = "" if path == "/" else (path.rsplit("/", 1)[0] or "/")
+    return {p: v for p, v in seen.items() if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class ChildCgroup:
+    """A child cgroup as a unit to kill, with the figure it was chosen by."""
+
+    path: str
+    size: int
+    growth: float
+    pressure: float
+    excluded: str | None
+
+
+def child_cgroups(scope_dir: str, unified: str, candidates: Sequence[policy.Candidate],
+                  ranked: Sequence[policy.Ranked], *, previous: Mapping[str, int],
+                  interval: float) -> list[ChildCgroup]:
+    """The scope's child cgroups with their size (memory.current, or the RSS of their
+    processes where there is no memory controller), growth since the previous look
+    (bytes/s) and pressure (memory.pressure some avg10).  A child holding a process
+    that must not die (protect rule, oom_score_adj -1000, user.oomd_omit) is excluded:
+    killing the cgroup would kill it too."""
+    excluded_by_path: dict[str, str] = {}
+    for r in ranked:
+        if r.excluded and "outside scope" not in r.excluded:
+            excluded_by_path.setdefault(r.candidate.cgroup, f"{r.candidate.pid} "
+                                                          f"{r.candidate.name!r}: {r.excluded}")
+    out = []
+    for d in cgroup.children(scope_dir):
+        rel = cgroup.relative(unified, d)
+        inside = [c for c in candidates if policy.in_scope(c.cgroup, rel)]
+        try:
+            state = cgroup.read_memory_state(d)
+        except cgroup.CgroupGone:
+            continue
+        size = state.current if state.current is not None else sum(c.rss for c in inside)
+        growth = (size - previous[d]) / interval if d in previous and interval > 0 else 0.0
+        pressure = 0.0
+        with contextlib.suppress(OSError, ValueError), \
+                open(os.path.join(d, "memory.pressure"), "rb") as f:
+            pressure = parse_pressure(f.read()).get("some", 0.0)
+        why = next((v for k, v in excluded_by_path.items() if policy.in_scope(k, rel)), None)
+        if why is None and not inside:
+            why = "no processes"
+        out.append(ChildCgroup(d, size, growth, pressure, why and f"holds {why}"
+                               if why != "no processes" else why))
+    return out
+
+
+def pick_child(children: Sequence[ChildCgroup], select: str) -> ChildCgroup | None:
+    """The eligible child with the largest size, growth or pressure (pure)."""
+    key: Callable[[ChildCgroup], float] = {
+        "size": lambda c: float(c.size), "growth": lambda c: c.growth,
+        "pressure": lambda c: c.pressure}[select]
+    eligible = [c for c in children if c.excluded is None]
+    return max(eligible, key=lambda c: (key(c), c.size), default=None)
