@@ -256,9 +256,9 @@ class ScopeConfig:
         "kill": Level((Threshold(percent=3.0),)),
     })
     psi: Mapping[str, PsiTrigger | None] = field(default_factory=lambda: {
-        "warn": PsiTrigger("some", 150_000, 1_000_000),
+        "warn": PsiTrigger("some", 300_000, 2_000_000),
         "term": None,
-        "kill": PsiTrigger("full", 300_000, 1_000_000),
+        "kill": PsiTrigger("full", 600_000, 2_000_000),
     })
     events: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {
         "warn": ("high",), "term": (), "kill": ("oom",),
@@ -296,11 +296,12 @@ class Config:
         "term": Level((Threshold(percent=5.0),)),
         "kill": Level((Threshold(percent=2.5),)),
     })
-    # [psi]: kernel triggers on /proc/pressure/memory
+    # [psi]: kernel triggers on /proc/pressure/memory.  Windows are multiples of 2 s,
+    # the only ones the kernel accepts without CAP_SYS_RESOURCE.
     psi: Mapping[str, PsiTrigger | None] = field(default_factory=lambda: {
-        "warn": PsiTrigger("some", 150_000, 1_000_000),
+        "warn": PsiTrigger("some", 300_000, 2_000_000),
         "term": None,
-        "kill": PsiTrigger("full", 400_000, 1_000_000),
+        "kill": PsiTrigger("full", 800_000, 2_000_000),
     })
     # [kill]
     term_timeout: float = 5.0

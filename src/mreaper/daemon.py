@@ -249,7 +249,7 @@ class Daemon:
             self._unified = cgroup.find_mounts().unified
         except OSError:
             self._unified = ""
-        machine = MachineScope(cfg, self.meminfo)
+        machine = MachineScope(cfg, self.meminfo, self._unified)
         self.scopes[MACHINE] = machine
         log.info("scope machine: %s", machine.capabilities())
         self._resolve(time.monotonic())

@@ -11,7 +11,7 @@ import contextlib
 import enum
 import errno
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mreaper.config import LEVELS, Config, Level, PsiTrigger, ScopeConfig, When
@@ -166,34 +166,45 @@ class PsiMonitor:
     """
 
     def __init__(self, triggers: Mapping[str, PsiTrigger | None],
-                 path: str = "/proc/pressure/memory") -> None:
-        self.path = path
+                 path: str = "/proc/pressure/memory", alternates: Sequence[str] = ()) -> None:
+        """Arm each trigger on `path`, or on the first of `alternates` that accepts all
+        of them.  For the machine the alternate is the cgroup2 root's memory.pressure:
+        the kernel backs it with the same system-wide PSI group, and it stays reachable
+        where /proc/pressure is masked (some container runtimes)."""
         self.triggers = {lvl: t for lvl, t in triggers.items() if t is not None}
         self.fds: dict[int, str] = {}
         self.fired: dict[str, float] = {}
         self.fallback: str | None = None  # why triggers are not used, if they are not
         self._averages: dict[str, float] = {}
+        self.path = path
+        refusals = []
+        for candidate in (path, *alternates):
+            why = self._arm(candidate)
+            if why is None:
+                self.path = candidate
+                return
+            refusals.append(why)
+        if self.triggers:
+            self.fallback = "; ".join(refusals)
+
+    def _arm(self, path: str) -> str | None:
+        """Arm every trigger on `path`; on any refusal close them all and say why."""
         for level, trig in self.triggers.items():
             try:
                 fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as e:
-                self._fall_back(f"cannot open {path}: {e.strerror}")
-                break
+                self.close()
+                return f"cannot open {path}: {e.strerror}"
             try:
+                # The trailing NUL matters: psi_write() for /proc/pressure/* overwrites the
+                # last byte written with NUL, which would eat the window's last digit.
                 os.write(fd, str(trig).encode() + b"\0")
             except OSError as e:
                 os.close(fd)
-                why = {errno.EINVAL: "trigger refused (EINVAL)",
-                       errno.EPERM: "not permitted", errno.EOPNOTSUPP: "PSI disabled"}
-                self._fall_back(f"{path}: {why.get(e.errno or 0, e.strerror)}")
-                break
+                self.close()
+                return f"{path} refused {level} trigger \"{trig}\": {_refusal(e, trig)}"
             self.fds[fd] = level
-
-    def _fall_back(self, why: str) -> None:
-        self.fallback = why
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
+        return None
 
     def on_event(self, fd: int, revents: int, now: float) -> None:
         level = self.fds.get(fd)
@@ -240,6 +251,28 @@ class PsiMonitor:
 
 
 _POLLPRI = 0x002
+
+
+def has_cap_sys_resource(status_path: str = "/proc/self/status") -> bool:
+    try:
+        with open(status_path) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 24 & 1)  # CAP_SYS_RESOURCE = 24
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _refusal(e: OSError, trig: PsiTrigger) -> str:
+    """Why the kernel refused a trigger, in words (kernel/sched/psi.c psi_trigger_create)."""
+    if e.errno == errno.EINVAL and trig.window_us % 2_000_000 and not has_cap_sys_resource():
+        return (f"EINVAL: without CAP_SYS_RESOURCE the window ({trig.window_us} us) must be a "
+                "multiple of 2 s (2000000 us)")
+    names = {errno.EINVAL: "EINVAL", errno.EPERM: "EPERM: not permitted",
+             errno.EOPNOTSUPP: "EOPNOTSUPP: PSI disabled (boot with psi=1)",
+             errno.EBUSY: "EBUSY"}
+    return names.get(e.errno or 0, e.strerror or str(e))
 
 
 def parse_pressure(data: bytes) -> dict[str, float]:

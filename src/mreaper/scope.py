@@ -88,8 +88,10 @@ class Scope:
 class MachineScope(Scope):
     """The whole machine: MemAvailable, SwapFree and /proc/pressure/memory."""
 
-    def __init__(self, cfg: Config, meminfo: Callable[[], procfs.MemInfo]) -> None:
-        super().__init__(name=MACHINE, psi=PsiMonitor(cfg.psi))
+    def __init__(self, cfg: Config, meminfo: Callable[[], procfs.MemInfo],
+                 unified: str = "") -> None:
+        alternates = [os.path.join(unified, "memory.pressure")] if unified else []
+        super().__init__(name=MACHINE, psi=PsiMonitor(cfg.psi, alternates=alternates))
         self.cfg = cfg
         self.meminfo = meminfo
         self._mem: procfs.MemInfo | None = None
@@ -131,7 +133,8 @@ class MachineScope(Scope):
 
     def capabilities(self) -> str:
         psi = (f"PSI averages ({self.psi.fallback})" if self.psi.fallback
-               else f"PSI triggers ({len(self.psi.fds)})" if self.psi.fds else "PSI off")
+               else f"PSI triggers on {self.psi.path} ({len(self.psi.fds)})" if self.psi.fds
+               else "PSI off")
         return f"MemAvailable, SwapFree, {psi}"
 
 
