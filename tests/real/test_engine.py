@@ -11,6 +11,7 @@ import select
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -266,6 +267,7 @@ def test_escalation_cuts_the_sigterm_grace_short(memcg: hogs.MemoryCgroup,
     hog = hog_factory(size, memcg, ignore_sigterm=True)  # type: ignore[operator]
     escalation = Escalation()
     fired = threading.Event()
+    timers: list[threading.Timer] = []
 
     def escalate_once_sigterm_is_sent(name: str, args: tuple[int, ...]) -> None:
         if name == "pidfd_send_signal" and args[1] == signal.SIGTERM:
@@ -273,6 +275,7 @@ def test_escalation_cuts_the_sigterm_grace_short(memcg: hogs.MemoryCgroup,
             t = threading.Timer(0.1, lambda: (escalation.set(), fired.set()))
             t.daemon = True
             t.start()
+            timers.append(t)
 
     rec = RecordingSyscalls(before=escalate_once_sigterm_is_sent)
     before = memcg.usage()
@@ -281,8 +284,10 @@ def test_escalation_cuts_the_sigterm_grace_short(memcg: hogs.MemoryCgroup,
             report = kill_and_reap(v, KillOptions(term_timeout=120), syscalls=rec,
                                    escalation=escalation)
     finally:
+        for t in timers:
+            t.join(30)
         escalation.close()
-    assert fired.is_set()
+    assert fired.is_set() and len(timers) == 1
     assert [s.name for s in report.signals] == ["SIGTERM", "SIGKILL"]
     assert report.signals[1].at_s < 120  # not the full grace
     assert any("escalated" in n for n in report.notes)
@@ -468,3 +473,56 @@ def test_reaper_pool_rejects_a_bad_size() -> None:
     for n in (0, 65):
         with pytest.raises(ValueError, match="workers"):
             ReaperPool(n)
+
+
+# --- what the report claims about the release ------------------------------------------------
+
+
+@pytest.mark.root
+def test_exited_first_report_does_not_claim_the_memory_back_before_it_is(
+        memcg_factory: object, hog_factory: object) -> None:
+    """ESRCH means every thread passed exit_mm, which clears task->mm *before* mmput()
+    tears the address space down (kernel/exit.c): the victim may still be freeing.  Here
+    the reaper is late (as when its thread is preempted): process_mrelease is called
+    once the victim has left exit_mm, so it answers ESRCH while ~0.5 GiB is still
+    charged.  A sampler watches the charge; no sample taken after the moment the report
+    says the memory was back may still show it charged."""
+    size = 512 * MiB
+    cg = memcg_factory(768 * MiB)  # type: ignore[operator]
+    hog = hog_factory(size, cg)  # type: ignore[operator]
+    before = cg.usage()
+    entered: list[float] = []
+
+    def late_reaper(name: str, args: tuple[int, ...]) -> None:
+        if name == "process_mrelease" and not entered:
+            entered.append(time.monotonic())  # the report's SIGKILL time is before this
+            wait_until(lambda: not procfs.read_status(hog.pid).has_mm, timeout=30,
+                       what="the victim to leave exit_mm")
+
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            t = time.monotonic()
+            samples.append((t, cg.usage()))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with Victim.open(hog.pid, syscalls=RecordingSyscalls(before=late_reaper)) as v:
+            report = kill_and_reap(v, KillOptions(exit_timeout=30),
+                                   syscalls=RecordingSyscalls(before=late_reaper))
+    finally:
+        stop.set()
+        sampler.join(30)
+    assert report.mrelease is Mrelease.EXITED_FIRST and report.mrelease_errno == "ESRCH"
+    assert report.kill_to_free_s is not None and entered
+    claimed_back_by = entered[0] + report.kill_to_free_s  # an upper bound of the claim
+    still_charged = [(round((t - claimed_back_by) * 1000, 1), u // MiB) for t, u in samples
+                     if t > claimed_back_by and u > before - size // 2]
+    assert not still_charged, (
+        f"report: memory back {report.kill_to_free_s * 1000:.1f} ms after SIGKILL, but "
+        f"{len(still_charged)} samples taken later still show it charged "
+        f"(ms after the claim, MiB): first {still_charged[:3]}, last {still_charged[-1:]}")
+    assert_memory_back(report, cg, before, size)
