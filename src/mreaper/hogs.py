@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mreaper.linux import cgroup
@@ -131,8 +132,8 @@ if os.getppid() == 1:
     sys.exit(1)
 procs, size, threads, ignore_term = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 name, step, interval = sys.argv[5], int(sys.argv[6]), float(sys.argv[7])
-if procs:
-    with open(procs, "w") as f:
+for procs_file in filter(None, procs.split(",")):
+    with open(procs_file, "w") as f:
         f.write(str(os.getpid()))
 if name:
     with open("/proc/self/comm", "w") as f:
@@ -165,11 +166,16 @@ class Hog:
 
     def __init__(self, size: int, memcg: MemoryCgroup | None = None, *, threads: int = 0,
                  ignore_sigterm: bool = False, name: str = "", step: int = 0,
-                 interval: float = 0.05, ready_timeout: float = 60.0) -> None:
+                 interval: float = 0.05, also_in: Sequence[str] = (),
+                 ready_timeout: float = 60.0) -> None:
+        """`also_in`: more cgroup directories to join (e.g. a cgroup2 scope on a hybrid
+        host, where the memory cgroup is in the v1 hierarchy)."""
         self.size = size
         self.memcg = memcg
+        procs = [memcg.procs_file] if memcg else []
+        procs += [os.path.join(d, "cgroup.procs") for d in also_in]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _HOG, memcg.procs_file if memcg else "", str(size),
+            [sys.executable, "-c", _HOG, ",".join(procs), str(size),
              str(threads), "1" if ignore_sigterm else "0", name, str(step), str(interval)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True)
         assert self.proc.stdout is not None
@@ -208,6 +214,68 @@ def _readline_with_timeout(proc: subprocess.Popen[bytes], timeout: float) -> byt
     assert proc.stdout is not None
     r, _, _ = select.select([proc.stdout], [], [], timeout)
     return proc.stdout.readline() if r else b""
+
+
+# A thrasher: holds `anon` bytes and reads a file larger than what is left under its
+# memory cgroup's limit, again and again.  Its page cache is charged to its own memcg
+# (the file's cache is dropped first, else the pages stay charged to whoever wrote
+# them), so each read reclaims within the cgroup: memory stall that PSI reports.
+_THRASH = r"""
+import os, sys
+procs, path, anon = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for procs_file in filter(None, procs.split(",")):
+    with open(procs_file, "w") as f:
+        f.write(str(os.getpid()))
+with open("/proc/self/comm", "w") as f:
+    f.write(sys.argv[4])
+block = bytearray(b"\x01") * anon
+sys.stdout.write("ready\n"); sys.stdout.flush()
+while True:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+"""
+
+
+class Thrasher:
+    """A process that makes memory pressure (PSI) inside its cgroups without growing."""
+
+    def __init__(self, memcg: MemoryCgroup, workdir: str, *, anon: int, file_size: int,
+                 also_in: Sequence[str] = (), name: str = "mr-thrash") -> None:
+        self.path = os.path.join(workdir, f"mreaper-thrash-{uuid.uuid4().hex[:8]}")
+        with open(self.path, "wb") as f:
+            chunk = os.urandom(1 << 20)
+            for _ in range(file_size >> 20):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        procs = [memcg.procs_file] + [os.path.join(d, "cgroup.procs") for d in also_in]
+        self.proc = subprocess.Popen([sys.executable, "-c", _THRASH, ",".join(procs), self.path,
+                                      str(anon), name], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE)
+        if _readline_with_timeout(self.proc, 30.0) != b"ready\n":
+            self.stop()
+            raise RuntimeError("thrasher did not start")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def __enter__(self) -> Thrasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # A CPU starver: a busy loop pinned to one CPU at SCHED_FIFO (root) so that a victim

@@ -8,69 +8,20 @@ cgroup whose limit stops it long before the machine runs short.
 from __future__ import annotations
 
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mreaper.hogs import GiB, MiB, Hog, MemoryCgroup
+from daemon_harness import DaemonProcess
+from mreaper.hogs import GiB, Hog, MemoryCgroup, MiB
 from mreaper.linux.procfs import read_meminfo
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: memory cgroups")
-
-
-class DaemonProcess:
-    """`mreaper run` as a child, its stderr collected line by line."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "mreaper.cli", "run", *args],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._q: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.wait_for(r"running")
-
-    def _pump(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._q.put(line.rstrip("\n"))
-
-    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        rx = re.compile(pattern)
-        for line in self.lines:
-            if m := rx.search(line):
-                return m
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                line = self._q.get(timeout=remaining)
-            except queue.Empty:
-                break
-            self.lines.append(line)
-            if m := rx.search(line):
-                return m
-        raise AssertionError(f"no log line matching {pattern!r} within {timeout} s; "
-                             f"log so far:\n" + "\n".join(self.lines))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        while not self._q.empty():
-            self.lines.append(self._q.get())
-        return rc
 
 
 @pytest.fixture
@@ -154,7 +105,7 @@ def test_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
     victim = subprocess.Popen(["sleep", "60"])
     try:
         out = subprocess.run([sys.executable, "-m", "mreaper.cli", "run", "--config", str(cfg)],
-                             capture_output=True, text=True, timeout=30)
+                             check=False, capture_output=True, text=True, timeout=30)
         assert out.returncode == 2
         assert out.stderr.strip() == (f"mreaper run: {cfg}: memory.kill = '50%': must be at or "
                                       "below memory.term ('10%')")
