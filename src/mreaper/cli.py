@@ -14,6 +14,7 @@ from mreaper.reap import (
     Victim,
     VictimError,
     VictimForbidden,
+    fmt_bytes,
     kill_and_reap,
 )
 
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_flags(c)
         if name == "explain":
             c.add_argument("--all", action="store_true", help="list every process, not the top 20")
+            c.add_argument("--scope", metavar="NAME",
+                           help="rank within a configured [[scope]] (default: the machine)")
         if name == "run":
             c.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
 
@@ -149,14 +152,52 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from mreaper import policy
+    from mreaper import policy, scope
+    from mreaper.linux import cgroup
 
     cfg = load_config(args)
     candidates, warnings = policy.scan()
     for w in warnings:
         print(f"mreaper explain: warning: {w}", file=sys.stderr)
-    ranked = policy.rank(candidates, cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss)
-    print(policy.explain_table(ranked, limit=None if args.all else 20))
+    try:
+        unified = cgroup.find_mounts().unified
+    except OSError:
+        unified = ""
+    prefs = scope.preferences(candidates, unified)
+    limit = None if args.all else 20
+    if not args.scope or args.scope == scope.MACHINE:
+        ranked = policy.rank(candidates, cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss,
+                             cgroup_preferences=prefs)
+        print("scope machine: every process")
+        print(policy.explain_table(ranked, limit=limit))
+        return 0
+    resolved = scope.resolve_scopes(cfg, unified) if unified else {}
+    names = sorted(resolved)
+    chosen = {n: v for n, v in resolved.items()
+              if n == args.scope or n.split("@", 1)[0] == args.scope}
+    if not chosen:
+        known = ", ".join(["machine", *names]) or "machine"
+        print(f"mreaper explain: --scope {args.scope!r}: no such scope with a cgroup present "
+              f"now; known: {known}", file=sys.stderr)
+        return EXIT_USAGE
+    for name, (sc, path) in chosen.items():
+        rel = cgroup.relative(unified, path)
+        ranked = policy.rank(candidates, cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss,
+                             scope_cgroup=rel, cgroup_preferences=prefs)
+        inside = [r for r in ranked if r.excluded is None or "outside scope" not in r.excluded]
+        print(f"scope {name}: cgroup {path}; unit {sc.unit}"
+              + (f" by {sc.select}" if sc.unit == "cgroup" else ""))
+        if sc.unit == "cgroup":
+            children = scope.child_cgroups(path, unified, candidates, ranked, previous={},
+                                           interval=cfg.scan_interval)
+            pick = scope.pick_child(children, sc.select)
+            for child in children:
+                mark = "->" if pick is not None and child.path == pick.path else "  "
+                print(f"{mark} {child.path}  size {fmt_bytes(child.size)}  pressure "
+                      f"{child.pressure:.1f}%  {child.excluded or 'eligible'}")
+            if pick is None:
+                print("   no child cgroup may be killed: a process would be chosen instead")
+        print(policy.explain_table(inside, limit=limit))
     return 0
 
 
