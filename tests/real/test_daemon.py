@@ -34,11 +34,16 @@ def memcgs() -> Iterator[list[MemoryCgroup]]:
 
 def _levels(headroom: int) -> list[str]:
     """Absolute levels just under the MemAvailable of now: warn at -headroom/2,
-    kill at -headroom, term off (straight to SIGKILL), PSI off."""
+    kill at -headroom, term off (straight to SIGKILL), PSI off.
+
+    Such levels are crossed by anything else that allocates meanwhile (another test
+    run, a VM starting), so every process but this test's hogs (named mr-*) is
+    protected: the daemon under test can never kill something of someone else's."""
     avail = read_meminfo().mem_available
     kill = avail - headroom
     return ["--memory-warn", f"{(avail - headroom // 2) // MiB}M", "--memory-term", "off",
-            "--memory-kill", f"{kill // MiB}M", "--psi-warn", "off", "--psi-kill", "off"]
+            "--memory-kill", f"{kill // MiB}M", "--psi-warn", "off", "--psi-kill", "off",
+            "--protect", "^(?!mr-)"]
 
 
 def _alive(hog: Hog) -> bool:
