@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -501,7 +503,34 @@ def _argv(origin: str, key: str, value: object) -> tuple[str, ...]:
         raise ConfigError(origin, key, value, allowed)
     if value and not value[0].startswith("/"):
         raise ConfigError(origin, key, value, allowed)
+    if value:
+        try:
+            st = os.stat(value[0])
+        except OSError as e:
+            raise ConfigError(origin, key, value, f"{value[0]}: {e.strerror}") from None
+        if not (st.st_mode & 0o111) or not os.path.isfile(value[0]):
+            raise ConfigError(origin, key, value, f"{value[0]} is not an executable file")
+        check_trusted(value[0], st, key, origin=origin)
     return tuple(value)
+
+
+def check_trusted(path: str, st: os.stat_result, key: str, *, origin: str | None = None) -> None:
+    """Running as root, a file that decides what root runs or kills must be root's: a
+    config or hook owned by another user, or writable by group or others, would let
+    that user take over the daemon.  Refused with how to fix it."""
+    if os.geteuid() != 0:
+        return
+    problems = []
+    if st.st_uid != 0:
+        problems.append(f"owned by uid {st.st_uid}, not root")
+    writers = [who for who, bit in (("group", 0o020), ("others", 0o002)) if st.st_mode & bit]
+    if writers:
+        problems.append(f"writable by {' and '.join(writers)} "
+                        f"(mode {stat.S_IMODE(st.st_mode):04o})")
+    if problems:
+        raise ConfigError(origin or path, key, path,
+                          f"refused: {' and '.join(problems)}; mreaper runs as root, so fix "
+                          f"it with: chown root:root {path} && chmod go-w {path}")
 
 
 def _apply_ops(origin: str, data: Mapping[str, Any], changes: dict[str, Any]) -> None:
@@ -669,6 +698,7 @@ def load(path: str | None, *, required: bool) -> Config:
     target = path or DEFAULT_PATH
     try:
         with open(target, "rb") as f:
+            check_trusted(target, os.fstat(f.fileno()), "--config")
             data = tomllib.load(f)
     except FileNotFoundError:
         if required:
