@@ -20,12 +20,12 @@ run: $(STAMP)
 	$(BIN)/mreaper run
 
 test: $(STAMP) deps
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check
 	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
