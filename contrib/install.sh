@@ -1,0 +1,121 @@
+#!/bin/sh
+# Install mreaper as a systemd service: a virtualenv in PREFIX (default /opt/mreaper),
+# the unit and its slice in /etc/systemd/system (ExecStart= pointing into PREFIX), and a
+# default /etc/mreaper/mreaper.toml (root-owned, 0644) unless one exists.  See
+# docs/systemd.md.
+#
+#   contrib/install.sh [--prefix DIR] [--python PYTHON] [--wheel FILE] [--unit-dir DIR]
+#                      [--no-enable] [--no-start]
+#   contrib/install.sh --uninstall [--prefix DIR] [--unit-dir DIR]
+#
+# --wheel installs a built wheel with no index (offline); otherwise pip builds this
+# source tree (which fetches setuptools from the package index).  Idempotent: run it
+# again to upgrade; an existing configuration is kept and only checked.
+set -eu
+
+PREFIX=/opt/mreaper
+PYTHON=python3
+WHEEL=
+UNIT_DIR=/etc/systemd/system
+CONF_DIR=/etc/mreaper
+ENABLE=1
+START=1
+UNINSTALL=0
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+
+die() { echo "install.sh: $*" >&2; exit 1; }
+say() { echo "install.sh: $*"; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) PREFIX=${2:?--prefix needs a directory}; shift 2 ;;
+    --python) PYTHON=${2:?--python needs an interpreter}; shift 2 ;;
+    --wheel) WHEEL=${2:?--wheel needs a file}; shift 2 ;;
+    --unit-dir) UNIT_DIR=${2:?--unit-dir needs a directory}; shift 2 ;;
+    --no-enable) ENABLE=0; shift ;;
+    --no-start) START=0; shift ;;
+    --uninstall) UNINSTALL=1; shift ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+done
+
+[ "$(id -u)" = 0 ] || die "run as root (it writes $PREFIX, $UNIT_DIR and $CONF_DIR)"
+case "$PREFIX" in /*) ;; *) die "--prefix must be an absolute path: $PREFIX" ;; esac
+have_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }
+
+if [ "$UNINSTALL" = 1 ]; then
+  if have_systemd; then
+    systemctl disable --now mreaper.service 2>/dev/null || true
+  fi
+  rm -f "$UNIT_DIR/mreaper.service" "$UNIT_DIR/mreaper.slice"
+  have_systemd && systemctl daemon-reload
+  rm -rf "$PREFIX"
+  say "removed the unit and $PREFIX; $CONF_DIR is kept"
+  exit 0
+fi
+
+# 1. the virtualenv and the package
+if [ ! -x "$PREFIX/bin/python" ]; then
+  "$PYTHON" -m venv "$PREFIX" || die "cannot create a venv with $PYTHON (Debian: apt-get install python3-venv)"
+fi
+if [ -n "$WHEEL" ]; then
+  [ -f "$WHEEL" ] || die "no such wheel: $WHEEL"
+  "$PREFIX/bin/pip" install --quiet --no-index --force-reinstall --no-deps "$WHEEL"
+else
+  "$PREFIX/bin/pip" install --quiet --upgrade "$SRC"
+fi
+"$PREFIX/bin/mreaper" --version >/dev/null || die "$PREFIX/bin/mreaper does not run"
+install -D -m 0644 "$SRC/docs/systemd.md" "$PREFIX/share/doc/mreaper/systemd.md"
+
+# 2. the unit and its slice, with ExecStart= pointing into PREFIX
+install -d -m 0755 "$UNIT_DIR"
+sed -e "s|^ExecStart=.*|ExecStart=$PREFIX/bin/mreaper run|" \
+    -e "s|file:///opt/mreaper/|file://$PREFIX/|" \
+    "$SRC/contrib/systemd/mreaper.service" > "$UNIT_DIR/mreaper.service.tmp"
+chmod 0644 "$UNIT_DIR/mreaper.service.tmp"
+mv "$UNIT_DIR/mreaper.service.tmp" "$UNIT_DIR/mreaper.service"
+install -m 0644 "$SRC/contrib/systemd/mreaper.slice" "$UNIT_DIR/mreaper.slice"
+say "unit: $UNIT_DIR/mreaper.service (ExecStart=$PREFIX/bin/mreaper run)"
+
+# 3. the configuration: the built-in defaults, written out, unless one exists
+install -d -m 0755 -o root -g root "$CONF_DIR"
+if [ -e "$CONF_DIR/mreaper.toml" ]; then
+  "$PREFIX/bin/mreaper" config --config "$CONF_DIR/mreaper.toml" >/dev/null \
+    || die "$CONF_DIR/mreaper.toml is invalid (see above); fix it before starting"
+  say "kept $CONF_DIR/mreaper.toml (valid)"
+else
+  tmp="$CONF_DIR/.mreaper.toml.tmp"
+  empty="$CONF_DIR/.empty.toml.tmp"
+  : > "$empty"  # an empty configuration: the built-in defaults (root's, not writable by others)
+  chmod 0600 "$empty"
+  {
+    echo "# mreaper configuration, written by contrib/install.sh.  Every value below is the"
+    echo "# built-in default, commented out so that it follows the installed version: uncomment"
+    echo "# and edit a line to change it, then: systemctl reload mreaper.  Check a change with"
+    echo "#   $PREFIX/bin/mreaper config --config $CONF_DIR/mreaper.toml"
+    echo "# Rules: [[rule]] tables, see docs/systemd.md and README.md."
+    "$PREFIX/bin/mreaper" config --config "$empty" \
+      | sed -e '/^# effective configuration/d' -e 's/^\([a-z_]* = \)/# \1/'
+  } > "$tmp"
+  rm -f "$empty"
+  chown root:root "$tmp"
+  chmod 0644 "$tmp"
+  mv "$tmp" "$CONF_DIR/mreaper.toml"
+  say "wrote $CONF_DIR/mreaper.toml (the built-in defaults)"
+fi
+
+# 4. systemd
+if have_systemd; then
+  systemctl daemon-reload
+  if command -v systemd-analyze >/dev/null 2>&1; then
+    systemd-analyze verify "$UNIT_DIR/mreaper.service" || die "systemd-analyze verify failed"
+  fi
+  [ "$ENABLE" = 1 ] && systemctl enable mreaper.service
+  if [ "$START" = 1 ]; then
+    systemctl restart mreaper.service
+    systemctl --no-pager status mreaper.service | head -n 5 || true
+  fi
+else
+  say "systemd is not running here: unit installed, not enabled or started"
+fi
