@@ -381,6 +381,7 @@ class Trial:
     engine_free_s: float | None
     exit_s: float | None
     kill_to_mrelease_s: float | None  # SIGKILL -> process_mrelease entry: pure overhead
+    reaper_wait_s: float              # reaper thread's run-queue wait during the contender
     attempt: int                    # > 1: earlier attempts lost the victim before SIGKILL
 
 
@@ -414,13 +415,22 @@ def measure(slot: Slot, cpu: int, bare: BareMrelease, attempt: int) -> Trial:
                 raise VictimLost(f"victim charged {charge} of {size} bytes before the kill")
             watch = ChargeWatch(memcg, int(size * THRESHOLD_FRACTION), hooks)
             try:
+                waited = runqueue_wait_s()
                 out = run_contender(slot.contender, victim.pid, watch, bare)
+                waited = runqueue_wait_s() - waited
             finally:
                 watch.finish()
     return Trial(slot.size_gib, slot.state, slot.rep, slot.slot, slot.contender,
                  watch.kill_to_free(), charge, watch.usage_at_event, watch.hang_thawed,
                  watch.realtime, out.mrelease, out.mrelease_errno, out.engine_free_s,
-                 out.exit_s, watch.kill_to_mrelease(), attempt)
+                 out.exit_s, watch.kill_to_mrelease(), waited, attempt)
+
+
+def runqueue_wait_s() -> float:
+    """Time this thread has spent runnable but waiting for its CPU (schedstat field 2):
+    how much other tenants of the reaper's CPU got in the way."""
+    with open("/proc/thread-self/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
 
 
 def ensure_memory(size: int, wait_s: float = 30.0) -> None:
@@ -711,6 +721,20 @@ def md_overhead(trials: Sequence[Trial]) -> str:
     return "\n".join(lines)
 
 
+def md_wait(trials: Sequence[Trial], args: argparse.Namespace) -> str:
+    shown = [c for c in args.contenders if c != "plain"]
+    lines = ["| state | size | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
+    for state in args.states:
+        for size in args.sizes:
+            row = [state, f"{size:g} GiB"]
+            for c in shown:
+                ws = [t.reaper_wait_s for t in trials
+                      if t.state == state and t.size_gib == size and t.contender == c]
+                row.append(f"{statistics.median(ws) * 1000:.1f} [{max(ws) * 1000:.1f}]")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 @dataclass
 class Summary:
     cells: list[Cell]
@@ -752,6 +776,15 @@ the race against the victim's exit path); otherwise it returned ESRCH (exited-fi
 ## Overhead: SIGKILL to process_mrelease entry
 
 {md_overhead(trials)}
+
+## Reaper CPU contention: run-queue wait of the reaper thread during the trial
+
+Time the killing thread spent runnable but waiting for CPU {meta['bench_cpu']} (schedstat), \
+ms, median [max]. Non-zero means other tenants of the host took the reaper's CPU. In the \
+starved state, the FIFO starver holds the other CPU, so every other runnable task on the \
+host lands on the reaper's CPU.
+
+{md_wait(trials, args)}
 
 ## The engine's own kill_to_free_s vs the memcg ground truth
 
