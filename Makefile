@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench clean deps
+.PHONY: run test lint typecheck bench clean deps install uninstall
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/kill_to_free.py
+
+PREFIX ?= /opt/mreaper
+
+install:
+	./contrib/install.sh --prefix $(PREFIX)
+
+uninstall:
+	./contrib/install.sh --uninstall --prefix $(PREFIX)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mreaper import __version__, config
+from mreaper import __version__, cli_status, config
+from mreaper.cli_history import add_history_parser, cmd_history
 from mreaper.reap import (
     KillOptions,
     Victim,
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="rank within a configured [[scope]] (default: the machine)")
         if name == "run":
             c.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
+
+    add_history_parser(sub)
+    cli_status.add_status_parsers(sub)
 
     d = sub.add_parser("demo", help="show plain SIGKILL against kill-and-reap on a starved hog")
     d.add_argument("--size", type=int, default=256, metavar="MIB",
@@ -139,10 +143,13 @@ def load_config(args: argparse.Namespace) -> config.Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mreaper.daemon import Daemon, setup_logging
+    from mreaper.sinks import build_sink
 
     cfg = load_config(args)
     setup_logging(cfg.log, args.verbose)
-    daemon = Daemon(cfg, reload=lambda: load_config(args))
+    sink, hooks = build_sink(cfg)
+    daemon = Daemon(cfg, reload=lambda: load_config(args), sink=sink,
+                    before_kill=hooks.before_kill if hooks else None)
     return daemon.run()
 
 
@@ -220,7 +227,9 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"kill": cmd_kill, "run": cmd_run, "config": cmd_config, "explain": cmd_explain}
+    commands = {"kill": cmd_kill, "run": cmd_run, "config": cmd_config, "explain": cmd_explain,
+                "history": cmd_history}
+    commands.update(cli_status.COMMANDS)
     if args.command in commands:
         try:
             return commands[args.command](args)

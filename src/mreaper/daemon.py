@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 
 from mreaper import config as config_mod
-from mreaper import policy
+from mreaper import policy, sdnotify
+from mreaper import status as status_mod
 from mreaper.config import Config
 from mreaper.detect import Severity, Verdict
 from mreaper.linux import cgroup, procfs
@@ -50,6 +51,7 @@ from mreaper.scope import (
     preferences,
     resolve_scopes,
 )
+from mreaper.sinks import observe_decision
 
 log = logging.getLogger("mreaper")
 
@@ -202,7 +204,8 @@ class Daemon:
 
     def __init__(self, cfg: Config, *, reload: Callable[[], Config] | None = None,
                  meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo,
-                 sink: Sink | None = None) -> None:
+                 sink: Sink | None = None,
+                 before_kill: Callable[[Victim, str], None] | None = None) -> None:
         self.cfg = cfg
         self._reload = reload
         self.meminfo = meminfo
@@ -217,6 +220,8 @@ class Daemon:
         self._unified = ""
         self._previous_sizes: dict[str, dict[str, int]] = {}
         self.sink: Sink = sink if sink is not None else LogSink()
+        self._before_kill = before_kill
+        self.notify = sdnotify.Notifier()
 
     # -- signals: recorded by the handler, handled in the loop
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -253,14 +258,19 @@ class Daemon:
         self.scopes[MACHINE] = machine
         log.info("scope machine: %s", machine.capabilities())
         self._resolve(time.monotonic())
-        pool = ReaperPool(cfg.reapers)
+        pool = ReaperPool(cfg.reapers, before_kill=self._before_kill)
         cache = CandidateCache(cfg, self._unified)
         self._cache = cache
         cache.start()
         log.info("running%s: %s", " (dry run)" if cfg.dry_run else "", describe(cfg))
+        server = status_mod.serve(cfg.status_socket, self.status)
+        self.notify.ready("running")
         try:
             self._loop(pool, cache)
         finally:
+            self.notify.stopping()
+            if server is not None:
+                server.close()
             cache.stop()
             pool.shutdown(wait=True)
             for scope in self.scopes.values():
@@ -311,6 +321,8 @@ class Daemon:
                 for scope in self.scopes.values():
                     if scope.last is not None:
                         self.sink.sample(scope.sample())
+                self.notify.status(status_mod.summary(self.status(top=1)))
+            self.notify.watchdog_due(now)
             self._wait(min(self._timeout(scope) for scope in self.scopes.values()))
             self._handle_signals(cache)
 
@@ -472,6 +484,7 @@ class Daemon:
             victim.close()
             scope.quiet_until = time.monotonic() + self.cfg.recovery_timeout
             return
+        observe_decision(self.sink, decided_ms / 1000, scope.name)
         term = again.verdict.severity == Severity.TERM
         options = KillOptions(term_timeout=self.cfg.term_timeout if term else 0.0,
                               exit_timeout=self.cfg.recovery_timeout,
@@ -526,6 +539,7 @@ class Daemon:
                 v.close()
             scope.quiet_until = time.monotonic() + self.cfg.recovery_timeout
             return
+        observe_decision(self.sink, decided_ms / 1000, scope.name)
         log.info("%skilling cgroup %s (%d processes) [%s]; decided in %.1f ms from a %.0f ms "
                  "old ranking", _prefix(scope), path, len(victims), why, decided_ms, age * 1000)
         options = KillOptions(exit_timeout=self.cfg.recovery_timeout, mrelease=self.cfg.mrelease)
@@ -572,7 +586,9 @@ class Daemon:
         while self._signals:
             sig = self._signals.pop(0)
             if sig == signal.SIGHUP:
+                self.notify.reloading()
                 self._do_reload(cache)
+                self.notify.ready(status_mod.summary(self.status(top=1)))
             else:
                 log.info("got %s, stopping", signal.Signals(sig).name)
                 self._stop = True
