@@ -121,11 +121,20 @@ class Victim:
         if reason:
             raise VictimRefused(f"refusing PID {pid} ({before.comm}): {reason}")
         try:
+            # A thread id has a /proc/<tid> too: refuse it before pinning anything.
+            reason = refusal(before, procfs.read_status(pid, proc).tgid)
+        except procfs.ProcessGone:
+            raise VictimGone(f"no process with PID {pid}") from None
+        if reason:
+            raise VictimRefused(f"refusing PID {pid} ({before.comm}): {reason}")
+        try:
             pidfd = sc.pidfd_open(pid, 0)
         except ProcessLookupError:
             raise VictimGone(f"no process with PID {pid}") from None
         except OSError as e:
-            if e.errno == errno.EINVAL:  # a non-leader thread id without PIDFD_THREAD
+            # A non-leader thread id without PIDFD_THREAD: EINVAL before Linux 6.9,
+            # ENOENT since; only reachable if the thread appeared as a leader above.
+            if e.errno in (errno.EINVAL, errno.ENOENT):
                 raise VictimRefused(f"refusing PID {pid}: it is a thread, not a process") from None
             raise
         try:
@@ -270,8 +279,9 @@ class KillReport:
         if self.mrelease is not Mrelease.NOT_CALLED:
             line += (f"; process_mrelease {self.mrelease.value} ({self.mrelease_errno})"
                      f" in {fmt_ms(self.mrelease_s)}")
+        after = self.signals[-1].name if self.signals else "the kill"
         line += (f"; memory back {fmt_ms(self.kill_to_free_s)}, exit {fmt_ms(self.kill_to_exit_s)}"
-                 " after SIGKILL")
+                 f" after {after}")
         if self.freed_bytes is not None:
             line += f"; freed {fmt_bytes(self.freed_bytes)} ({self.freed_source})"
         for note in self.notes:
@@ -341,13 +351,25 @@ def _wait_readable(fds: list[int], timeout_s: float) -> int | None:
             return events[0][0]
 
 
-def _demote(pid: int) -> bool:
+def _demote(victim: Victim, proc: str = procfs.PROC) -> bool:
+    """SCHED_IDLE and nice 19 for every thread of the victim (scheduling attributes are
+    per thread).  Thread ids come from /proc/<pid>/task; the pidfd is checked alive
+    first, so the ids are the victim's (they cannot be reused while it lives)."""
     try:
-        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
-        os.setpriority(os.PRIO_PROCESS, pid, 19)
+        tids = [int(t) for t in os.listdir(f"{proc}/{victim.pid}/task")]
     except OSError:
         return False
-    return True
+    if select.select([victim.pidfd], [], [], 0)[0]:  # exited meanwhile
+        return False
+    done = False
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+            done = True
+        except OSError:
+            continue
+    return done
 
 
 def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reason: str = "",
@@ -392,14 +414,16 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
         if options.mrelease:
             outcome, err_name, attempts, mrelease_s, free_at = _mrelease(sc, victim.pidfd,
                                                                          options.retries)
+            free_at = _confirm(free_at, victim, charge_before)
     elif exit_at is None:
         if options.demote:
-            demoted = _demote(victim.pid)
+            demoted = _demote(victim)
         if send(signal.SIGKILL):
             kill_at = time.monotonic()
             if options.mrelease:
                 outcome, err_name, attempts, mrelease_s, free_at = _mrelease(sc, victim.pidfd,
                                                                              options.retries)
+                free_at = _confirm(free_at, victim, charge_before)
         else:
             exit_at = time.monotonic()
     if exit_at is None:
@@ -413,7 +437,14 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
         notes.append("address space shared with a live process (CLONE_VM) or a core dump "
                      "in progress: freed only when that ends")
     elif free_at is None and exit_at is not None:
-        free_at = exit_at  # exit_mm ran before the exit was signalled on the pidfd
+        # exit_mm() and its mmput() run before the exit is signalled on the pidfd, so
+        # the exit is when the memory came back, unless a live process still shares
+        # the mm: believe it only if the charge agrees.
+        if _released(victim, charge_before) is False:
+            notes.append("exited, but its memory was not seen back (still shared with a "
+                         "live process?)")
+        else:
+            free_at = exit_at
     ref = kill_at if kill_at is not None else t0
 
     freed, source = _measure_freed(victim, charge_before, avail_before, meminfo)
@@ -449,14 +480,39 @@ def _mrelease(sc: Syscalls, pidfd: int,
                     os.sched_yield()
                     continue
                 return Mrelease.RETRIES_EXHAUSTED, name, attempts, now - start, None
-            outcome = _MRELEASE_BY_ERRNO.get(num, Mrelease.FAILED)
-            # ESRCH: find_lock_task_mm found no thread with an mm, i.e. exit_mm (and the
-            # mmput that frees the pages) is done, or the mm is marked MMF_OOM_SKIP after
-            # a reap: either way the memory is already released.
-            free_at = now if outcome is Mrelease.EXITED_FIRST else None
-            return outcome, name, attempts, now - start, free_at
+            # ESRCH: no thread has an mm any more.  That does not mean the pages are
+            # free: exit_mm() clears task->mm before its mmput() frees them, and a live
+            # CLONE_VM sharer keeps them.  The exit (or the charge) tells when.
+            return _MRELEASE_BY_ERRNO.get(num, Mrelease.FAILED), name, attempts, now - start, \
+                None
         now = time.monotonic()
         return Mrelease.REAPED, "0", attempts, now - start, now
+
+
+# Below this much anonymous memory a victim's release is lost in the noise of its
+# memory cgroup's other charges: the kernel's answer is taken as it is.
+_CONFIRM_MIN = 4 << 20
+
+
+def _released(victim: Victim, charge_before: int | None) -> bool | None:
+    """Did the victim's memory cgroup charge fall by at least half of what it held in
+    anonymous memory?  None when that cannot be told (no memcg, or a small victim)."""
+    if not victim.charge_file or charge_before is None:
+        return None
+    expected = victim.holdings.rss_anon
+    if expected < _CONFIRM_MIN:
+        return None
+    now = cgroup.read_charge(victim.charge_file)
+    return None if now is None else charge_before - now >= expected // 2
+
+
+def _confirm(free_at: float | None, victim: Victim, charge_before: int | None) -> float | None:
+    """process_mrelease answers 0 also when the victim's own exit_mmap() already marked
+    the mm MMF_OOM_SKIP, before its pages are all freed: keep the call's time as the
+    moment the memory came back only if the charge shows it."""
+    if free_at is None or _released(victim, charge_before) is not False:
+        return free_at
+    return None
 
 
 def _mem_available(meminfo: Callable[[], procfs.MemInfo]) -> int | None:
