@@ -7,10 +7,12 @@ the kernel refuses triggers, reads the averages instead and says so once).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import errno
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,17 +37,21 @@ class Verdict:
     reason: str  # which sources held, with their figures, e.g. "MemAvailable 1.1 GiB <= 1.2 GiB"
 
 
+Held = tuple[bool | None, str]  # holds (None: neutral), and why in words
+
+
 def source_states(cfg: Config, mem: MemInfo, psi_active: Mapping[str, bool],
-                  level: str) -> dict[str, tuple[bool, str]]:
+                  level: str) -> dict[str, Held]:
     """For one level: whether each source holds, and why, in words.
 
     A level that is off never holds.  With no swap configured (SwapTotal 0) the swap
-    source holds: there is nothing to fall back on, so it must not veto a kill."""
-    out: dict[str, tuple[bool, str]] = {}
+    source is neutral: there is nothing to fall back on, so it must not veto a kill
+    ("memory & swap"), and it must not make one on its own ("swap", "any") either."""
+    out: dict[str, Held] = {}
     out["memory"] = _level_state("MemAvailable", mem.mem_available, mem.mem_total,
                                  cfg.memory[level])
     if mem.swap_total == 0:
-        out["swap"] = (True, "no swap")
+        out["swap"] = (None, "no swap")
     else:
         out["swap"] = _level_state("SwapFree", mem.swap_free, mem.swap_total, cfg.swap[level])
     trig = cfg.psi[level]
@@ -67,14 +73,15 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
 
-def highest_level(when: When,
-                  states: Callable[[str], Mapping[str, tuple[bool, str]]]) -> Verdict:
-    """The highest level at which some AND-term of `when` holds entirely (pure).
-    `states(level)` says for each source whether it holds at that level, and why."""
+def highest_level(when: When, states: Callable[[str], Mapping[str, Held]]) -> Verdict:
+    """The highest level at which some AND-term of `when` holds (pure): each of its
+    sources holds or is neutral, and at least one truly holds.  `states(level)` says
+    for each source whether it holds at that level, and why."""
     for level in reversed(LEVELS):
         held = states(level)
         for term in when:
-            if all(held[s][0] for s in term):
+            values = [held[s][0] for s in term]
+            if all(v is not False for v in values) and any(v is True for v in values):
                 reason = ", ".join(held[s][1] for s in term)
                 return Verdict(SEVERITY_OF[level], f"{level}: {reason}")
     return Verdict(Severity.NONE, "")
@@ -86,9 +93,9 @@ def assess(cfg: Config, mem: MemInfo, psi_active: Mapping[str, bool]) -> Verdict
 
 
 def scope_states(sc: ScopeConfig, state: MemoryState, psi_active: Mapping[str, bool],
-                 events_delta: Mapping[str, int], level: str) -> dict[str, tuple[bool, str]]:
+                 events_delta: Mapping[str, int], level: str) -> dict[str, Held]:
     """For one level of a cgroup scope: headroom, psi and events, each held or not."""
-    out: dict[str, tuple[bool, str]] = {}
+    out: dict[str, Held] = {}
     headroom, limit = state.headroom, state.limit
     bound = sc.headroom[level].bytes_of(limit) if limit is not None else None
     if headroom is None or limit is None:
@@ -176,12 +183,15 @@ class PsiMonitor:
         self.fired: dict[str, float] = {}
         self.fallback: str | None = None  # why triggers are not used, if they are not
         self._averages: dict[str, float] = {}
+        self._totals: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
+        self.rejected = 0  # trigger events the totals did not bear out
         self.path = path
         refusals = []
         for candidate in (path, *alternates):
             why = self._arm(candidate)
             if why is None:
                 self.path = candidate
+                self.refresh(time.monotonic())  # the baseline events are checked against
                 return
             refusals.append(why)
         if self.triggers:
@@ -207,29 +217,59 @@ class PsiMonitor:
         return None
 
     def on_event(self, fd: int, revents: int, now: float) -> None:
+        """A trigger woke us.  The event counts only if the stall the pressure file's
+        `total=` figure shows over the trigger's window reaches the threshold: kernels
+        that run unprivileged triggers on the averaging worker can fire one right after
+        arming, measured from a stale baseline, whatever the threshold (seen on Linux
+        6.18 without CAP_SYS_RESOURCE: a 95 % trigger fired at under 5 % stall)."""
         level = self.fds.get(fd)
-        if level is not None and revents & _POLLPRI:
-            self.fired[level] = now
-
-    def refresh_averages(self) -> None:
-        """Fallback only: read avg10 of 'some' and 'full' from the pressure file."""
-        if self.fallback is None:
+        if level is None or not revents & _POLLPRI:
             return
+        self.refresh(now)
+        if self._confirmed(self.triggers[level], now):
+            self.fired[level] = now
+        else:
+            self.rejected += 1
+
+    def _confirmed(self, trig: PsiTrigger, now: float) -> bool:
+        window = trig.window_us / 1e6
+        samples = [(t, tot[trig.kind]) for t, tot in self._totals if trig.kind in tot]
+        if len(samples) < 2:
+            return True  # nothing to check against: trust the kernel
+        current = samples[-1][1]
+        # The newest sample at least one window old, else the oldest we have.
+        older = [x for x in samples if x[0] <= now - window]
+        t0, total0 = older[-1] if older else samples[0]
+        span = now - t0
+        if span <= 0:
+            return True
+        stall_us = current - total0
+        # Over a span shorter than the window, hold the stall to the same rate.
+        return stall_us >= trig.stall_us * min(1.0, span / window)
+
+    def refresh(self, now: float) -> None:
+        """Read the pressure file once: its averages (for gauges and the fallback) and
+        its totals (to confirm trigger events).  Called on every look."""
         try:
             with open(self.path, "rb") as f:
-                self._averages = parse_pressure(f.read())
-        except (OSError, ValueError):
+                data = f.read()
+        except OSError:
             self._averages = {}
+            return
+        try:
+            self._averages = parse_pressure(data)
+        except ValueError:  # garbage: no figures rather than no daemon
+            self._averages = {}
+        totals = parse_totals(data)
+        if totals:
+            self._totals.append((now, totals))
+            horizon = now - 2 * max((t.window_us / 1e6 for t in self.triggers.values()),
+                                    default=0)
+            while len(self._totals) > 2 and self._totals[1][0] < horizon:
+                self._totals.popleft()
 
     def averages(self) -> dict[str, float]:
-        """avg10 of some/full: read now when triggers are used (for status and gauges;
-        cheap), the fallback's last reading otherwise."""
-        if self.fallback is None:
-            try:
-                with open(self.path, "rb") as f:
-                    return parse_pressure(f.read())
-            except (OSError, ValueError):
-                return {}
+        """avg10 of some/full as of the last refresh."""
         return dict(self._averages)
 
     def active(self, now: float) -> dict[str, bool]:
@@ -273,6 +313,19 @@ def _refusal(e: OSError, trig: PsiTrigger) -> str:
              errno.EOPNOTSUPP: "EOPNOTSUPP: PSI disabled (boot with psi=1)",
              errno.EBUSY: "EBUSY"}
     return names.get(e.errno or 0, e.strerror or str(e))
+
+
+def parse_totals(data: bytes) -> dict[str, int]:
+    """{'some': total_us, 'full': total_us} from a PSI file: cumulative stall time."""
+    out = {}
+    for line in data.decode("ascii", "replace").splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("some", "full"):
+            for p in parts[1:]:
+                if p.startswith("total="):
+                    with contextlib.suppress(ValueError):
+                        out[parts[0]] = int(p[6:])
+    return out
 
 
 def parse_pressure(data: bytes) -> dict[str, float]:

@@ -100,7 +100,7 @@ class MachineScope(Scope):
         mem = self.meminfo()
         self._mem = mem
         self.fall.update(now, mem.mem_available)
-        self.psi.refresh_averages()
+        self.psi.refresh(now)
         verdict = assess(self.cfg, mem, self.psi.active(now))
         figures: dict[str, object] = {
             "mem_total": mem.mem_total, "mem_available": mem.mem_available,
@@ -161,7 +161,7 @@ class CgroupScope(Scope):
         self._state = state
         if state.headroom is not None:
             self.fall.update(now, state.headroom)
-        self.psi.refresh_averages()
+        self.psi.refresh(now)
         verdict = assess_scope(self.sc, state, self.psi.active(now), delta)
         limit = state.limit
         figures: dict[str, object] = {

@@ -103,16 +103,16 @@ def test_verdict_reason_names_the_figures() -> None:
 # --- the swap rule ----------------------------------------------------------------------
 
 
-def test_no_swap_holds() -> None:
+def test_no_swap_is_neutral() -> None:
     cfg = cfg_of(memory=SIZED)  # default when: memory & swap | psi
-    assert source_states(cfg, mem(GiB), {}, "kill")["swap"] == (True, "no swap")
+    assert source_states(cfg, mem(GiB), {}, "kill")["swap"] == (None, "no swap")
     v = assess(cfg, mem(100 * MiB), {})
     assert v == Verdict(Severity.KILL, "kill: MemAvailable 100 MiB <= 100 MiB, no swap")
 
 
-def test_no_swap_holds_even_with_the_swap_level_off() -> None:
+def test_no_swap_is_neutral_even_with_the_swap_level_off() -> None:
     cfg = cfg_of(memory=SIZED, swap={"warn": "off", "term": "off", "kill": "off"})
-    assert source_states(cfg, mem(GiB), {}, "kill")["swap"] == (True, "no swap")
+    assert source_states(cfg, mem(GiB), {}, "kill")["swap"] == (None, "no swap")
     assert assess(cfg, mem(100 * MiB), {}).severity is Severity.KILL
 
 
@@ -377,7 +377,7 @@ def test_parse_pressure_garbage_gives_nothing(data: bytes) -> None:
 
 
 def test_parse_pressure_bad_number_raises_value_error() -> None:
-    """A malformed avg10 is a ValueError (refresh_averages turns it into 'no figures')."""
+    """A malformed avg10 is a ValueError (refresh turns it into 'no figures')."""
     with pytest.raises(ValueError):
         parse_pressure(b"some avg10=abc avg60=0.00\n")
 
@@ -395,19 +395,19 @@ def test_monitor_falls_back_when_the_file_is_missing(tmp_path: Path) -> None:
         assert mon.fds == {}
         assert mon.fallback == f"cannot open {path}: No such file or directory"
         assert set(mon.triggers) == {"warn", "kill"}
-        mon.refresh_averages()
+        mon.refresh(0.0)
         assert mon.active(0.0) == {"warn": False, "kill": False}
         # the fallback compares avg10 with stall/window: 15% for warn, 40% for kill
         path.write_bytes(b"some avg10=15.00 avg60=1.00 avg300=0.00 total=1\n"
                          b"full avg10=39.99 avg60=1.00 avg300=0.00 total=1\n")
-        mon.refresh_averages()
+        mon.refresh(0.0)
         assert mon.averages() == {"some": 15.0, "full": 39.99}
         assert mon.active(0.0) == {"warn": True, "kill": False}
         path.write_bytes(b"some avg10=14.99\nfull avg10=40.00\n")
-        mon.refresh_averages()
+        mon.refresh(0.0)
         assert mon.active(0.0) == {"warn": False, "kill": True}
         path.write_bytes(b"some avg10=zzz\n")
-        mon.refresh_averages()  # garbage: no figures, nothing active, no exception
+        mon.refresh(0.0)  # garbage: no figures, nothing active, no exception
         assert mon.active(0.0) == {"warn": False, "kill": False}
     finally:
         mon.close()
