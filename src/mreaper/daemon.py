@@ -27,7 +27,7 @@ from mreaper import status as status_mod
 from mreaper.config import Config
 from mreaper.detect import Severity, Verdict
 from mreaper.linux import cgroup, procfs
-from mreaper.linux.syscalls import lock_memory, probe_support
+from mreaper.linux.syscalls import LinuxSyscalls, Syscalls, lock_memory, probe_support
 from mreaper.reap import (
     Escalation,
     GroupKillReport,
@@ -205,7 +205,12 @@ class Daemon:
     def __init__(self, cfg: Config, *, reload: Callable[[], Config] | None = None,
                  meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo,
                  sink: Sink | None = None,
-                 before_kill: Callable[[Victim, str], None] | None = None) -> None:
+                 before_kill: Callable[[Victim, str], None] | None = None,
+                 syscalls: Syscalls | None = None,
+                 mounts_file: str = "/proc/self/mounts",
+                 pressure_path: str = "/proc/pressure/memory") -> None:
+        """The keyword arguments after `sink` exist for fault injection: a Syscalls
+        that fails on demand, a mounts file without cgroup2, a missing PSI file."""
         self.cfg = cfg
         self._reload = reload
         self.meminfo = meminfo
@@ -221,6 +226,9 @@ class Daemon:
         self._previous_sizes: dict[str, dict[str, int]] = {}
         self.sink: Sink = sink if sink is not None else LogSink()
         self._before_kill = before_kill
+        self.syscalls = syscalls or LinuxSyscalls()
+        self._mounts_file = mounts_file
+        self._pressure_path = pressure_path
         self.notify = sdnotify.Notifier()
 
     # -- signals: recorded by the handler, handled in the loop
@@ -251,14 +259,14 @@ class Daemon:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
-            self._unified = cgroup.find_mounts().unified
+            self._unified = cgroup.find_mounts(self._mounts_file).unified
         except OSError:
             self._unified = ""
-        machine = MachineScope(cfg, self.meminfo, self._unified)
+        machine = MachineScope(cfg, self.meminfo, self._unified, self._pressure_path)
         self.scopes[MACHINE] = machine
         log.info("scope machine: %s", machine.capabilities())
         self._resolve(time.monotonic())
-        pool = ReaperPool(cfg.reapers, before_kill=self._before_kill)
+        pool = ReaperPool(cfg.reapers, syscalls=self.syscalls, before_kill=self._before_kill)
         cache = CandidateCache(cfg, self._unified)
         self._cache = cache
         cache.start()
@@ -523,7 +531,7 @@ class Daemon:
     def _kill_group(self, scope: Scope, path: str, chosen: str, verdict: Verdict, *,
                     detected_at: float, pool: ReaperPool, age: float) -> None:
         try:
-            victims, skipped = pin_cgroup(path)
+            victims, skipped = pin_cgroup(path, syscalls=self.syscalls)
         except VictimError as e:
             log.error("%snot killing cgroup %s: %s", _prefix(scope), path, e)
             return
@@ -548,14 +556,14 @@ class Daemon:
         available = scope.last.available if scope.last else None
         scope.inflight = InFlight(future, None, detected_at, available)
 
-    @staticmethod
-    def _pin_first(ranked: list[policy.Ranked]) -> tuple[Victim | None, policy.Ranked | None]:
+    def _pin_first(self, ranked: list[policy.Ranked]
+                   ) -> tuple[Victim | None, policy.Ranked | None]:
         for r in ranked:
             if r.excluded is not None:
                 continue
             c = r.candidate
             try:
-                return Victim.open(c.pid, starttime=c.starttime), r
+                return Victim.open(c.pid, starttime=c.starttime, syscalls=self.syscalls), r
             except VictimError as e:
                 log.debug("skipping %d: %s", c.pid, e)
         return None, None

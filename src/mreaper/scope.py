@@ -89,9 +89,10 @@ class MachineScope(Scope):
     """The whole machine: MemAvailable, SwapFree and /proc/pressure/memory."""
 
     def __init__(self, cfg: Config, meminfo: Callable[[], procfs.MemInfo],
-                 unified: str = "") -> None:
+                 unified: str = "", pressure_path: str = "/proc/pressure/memory") -> None:
         alternates = [os.path.join(unified, "memory.pressure")] if unified else []
-        super().__init__(name=MACHINE, psi=PsiMonitor(cfg.psi, alternates=alternates))
+        super().__init__(name=MACHINE, psi=PsiMonitor(cfg.psi, pressure_path,
+                                                      alternates=alternates))
         self.cfg = cfg
         self.meminfo = meminfo
         self._mem: procfs.MemInfo | None = None
