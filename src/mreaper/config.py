@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import posixpath
 import pwd
 import re
 import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, localcontext
 from typing import Any
 
 from mreaper.policy import Action, Rule, SortBy
@@ -30,16 +32,21 @@ class ConfigError(ValueError):
     """A configuration value we refuse, with where it came from."""
 
     def __init__(self, origin: str, key: str, value: object, allowed: str) -> None:
-        super().__init__(f"{origin}: {key} = {value!r}: {allowed}")
+        # value None: the key is missing (TOML has no null), so there is no value to show
+        shown = key if value is None else f"{key} = {value!r}"
+        super().__init__(f"{origin}: {shown}: {allowed}")
         self.origin, self.key, self.value, self.allowed = origin, key, value, allowed
 
 
 # --- value types -----------------------------------------------------------------------
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*([0-9]+)(?:\.([0-9]+))?\s*([KMGT]?)(?:i?B)?\s*",
+                      re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 SIZE_HELP = ("a size like \"512M\", \"2G\", \"1.5GiB\" or a number of bytes "
              "(binary units K, M, G, T)")
+SIZE_LIMIT = 1 << 63
+SIZE_TOO_LARGE = "a size must be below 8 EiB (2**63 bytes)"
 
 
 def parse_size(value: object, origin: str, key: str) -> int:
@@ -48,11 +55,23 @@ def parse_size(value: object, origin: str, key: str) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(origin, key, value, "a size must not be negative")
+        if value >= SIZE_LIMIT:
+            raise ConfigError(origin, key, value, SIZE_TOO_LARGE)
         return value
     if isinstance(value, str):
-        m = _SIZE_RE.match(value)
+        m = _SIZE_RE.fullmatch(value)
         if m:
-            return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+            whole, frac, unit = m.group(1), m.group(2) or "", _UNITS[m.group(3).upper()]
+            # Exact decimal arithmetic (a float of 400 digits is inf): first bound the
+            # integer part by its length, so no huge number is ever built.
+            if len(whole.lstrip("0")) > 20:
+                raise ConfigError(origin, key, value, SIZE_TOO_LARGE)
+            with localcontext() as ctx:
+                ctx.prec = len(whole) + len(frac) + 20   # enough for the product to be exact
+                size = int(Decimal(f"{whole}.{frac or '0'}") * unit)
+            if size >= SIZE_LIMIT:
+                raise ConfigError(origin, key, value, SIZE_TOO_LARGE)
+            return size
     raise ConfigError(origin, key, value, SIZE_HELP)
 
 
@@ -71,8 +90,15 @@ class Threshold:
 
     def __str__(self) -> str:
         if self.percent is not None:
-            return f"{self.percent:g}%"
+            return f"{_percent_text(self.percent)}%"
         return str(self.size)
+
+
+def _percent_text(pct: float) -> str:
+    """The short form ("10", "2.5") when it is exact, else the float's repr, which reads
+    back as the very same float (to_toml must load back equal)."""
+    short = f"{pct:g}"
+    return short if float(short) == pct else repr(pct)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +150,9 @@ def parse_level(value: object, origin: str, key: str) -> Level:
         else:
             try:
                 out.append(Threshold(size=parse_size(item, origin, key)))
-            except ConfigError:
-                raise ConfigError(origin, key, value, LEVEL_HELP) from None
+            except ConfigError as e:
+                allowed = SIZE_TOO_LARGE if e.allowed == SIZE_TOO_LARGE else LEVEL_HELP
+                raise ConfigError(origin, key, value, allowed) from None
     return Level(tuple(out))
 
 
@@ -141,6 +168,7 @@ class PsiTrigger:
         return f"{self.kind} {self.stall_us} {self.window_us}"
 
 
+_PSI_NUMBER = re.compile(r"[0-9]{1,32}")
 PSI_HELP = ("\"some|full <stall_us> <window_us>\" with the window 500000-10000000 us "
             "and 0 < stall <= window (e.g. \"full 300000 1000000\"), or \"off\"")
 
@@ -151,8 +179,10 @@ def parse_psi(value: object, origin: str, key: str) -> PsiTrigger | None:
     if not isinstance(value, str):
         raise ConfigError(origin, key, value, PSI_HELP)
     parts = value.split()
+    # ASCII digits only ("\u00b2".isdigit() is true, but int() refuses it), and few of
+    # them (int() refuses more than 4300; the window has at most 8 that matter)
     if len(parts) != 3 or parts[0] not in ("some", "full") or not all(
-            p.isdigit() for p in parts[1:]):
+            _PSI_NUMBER.fullmatch(p) for p in parts[1:]):
         raise ConfigError(origin, key, value, PSI_HELP)
     stall, window = int(parts[1]), int(parts[2])
     # kernel/sched/psi.c psi_trigger_create: window 500ms..10s, 0 < threshold <= window.
@@ -178,6 +208,9 @@ WHEN_HELP = when_help(SOURCES)
 
 When = tuple[tuple[str, ...], ...]  # disjunctive normal form: OR of ANDs of source names
 
+WHEN_MAX_DEPTH = 16   # parentheses nested deeper are refused (the parser recurses on them)
+WHEN_MAX_TERMS = 64   # "(a|b|c) & (a|b|c) & ..." grows exponentially in normal form
+
 
 def parse_when(value: object, origin: str, key: str,
                sources: tuple[str, ...] = SOURCES) -> When:
@@ -190,7 +223,7 @@ def parse_when(value: object, origin: str, key: str,
     if not isinstance(value, str) or not value.strip():
         raise err
     tokens: list[str] = []
-    pos = 0
+    pos = depth = 0
     text = value.rstrip()
     while pos < len(text):
         m = _TOKEN.match(text, pos)
@@ -198,32 +231,63 @@ def parse_when(value: object, origin: str, key: str,
             raise err
         tokens.append(m.group(m.lastindex or 0))
         pos = m.end()
+        depth += {"(": 1, ")": -1}.get(tokens[-1], 0)
+        if depth > WHEN_MAX_DEPTH:
+            raise ConfigError(origin, key, value,
+                              f"parentheses nested more than {WHEN_MAX_DEPTH} deep; "
+                              + when_help(sources))
 
-    def parse_or(toks: list[str]) -> tuple[When, list[str]]:
-        terms, rest = parse_and(toks)
-        while rest and rest[0] == "|":
-            more, rest = parse_and(rest[1:])
+    def too_many() -> ConfigError:
+        return ConfigError(origin, key, value,
+                           f"expands to more than {WHEN_MAX_TERMS} alternatives (an '&' of "
+                           "'|' groups multiplies them); write it more simply, e.g. "
+                           "\"any\" or \"all\"")
+
+    # recursive descent over an index (slicing the token list at every step would be
+    # quadratic in a long "memory & memory & ..." chain)
+    at = 0
+
+    def peek() -> str | None:
+        return tokens[at] if at < len(tokens) else None
+
+    def parse_or() -> When:
+        nonlocal at
+        terms = parse_and()
+        while peek() == "|":
+            at += 1
+            more = parse_and()
+            if len(terms) + len(more) > WHEN_MAX_TERMS:
+                raise too_many()
             terms = terms + more
-        return terms, rest
+        return terms
 
-    def parse_and(toks: list[str]) -> tuple[When, list[str]]:
-        terms, rest = parse_atom(toks)
-        while rest and rest[0] == "&":
-            right, rest = parse_atom(rest[1:])
+    def parse_and() -> When:
+        nonlocal at
+        terms = parse_atom()
+        while peek() == "&":
+            at += 1
+            right = parse_atom()
+            if len(terms) * len(right) > WHEN_MAX_TERMS:
+                raise too_many()
             terms = tuple(tuple(dict.fromkeys(a + b)) for a in terms for b in right)
-        return terms, rest
+        return terms
 
-    def parse_atom(toks: list[str]) -> tuple[When, list[str]]:
-        if toks and toks[0] in sources:
-            return ((toks[0],),), toks[1:]
-        if toks and toks[0] == "(":
-            inner, rest = parse_or(toks[1:])
-            if rest and rest[0] == ")":
-                return inner, rest[1:]
+    def parse_atom() -> When:
+        nonlocal at
+        tok = peek()
+        if tok is not None and tok in sources:
+            at += 1
+            return ((tok,),)
+        if tok == "(":
+            at += 1
+            inner = parse_or()
+            if peek() == ")":
+                at += 1
+                return inner
         raise err
 
-    result, rest = parse_or(tokens)
-    if rest:
+    result = parse_or()
+    if at != len(tokens):
         raise err
     return result
 
@@ -382,7 +446,9 @@ _RULE_KEYS = ("action", "name", "cmdline", "exe", "cgroup", "user", "adjust")
 _SECTIONS = ("daemon", "detect", "memory", "swap", "psi", "kill", "rule", "scope", "events",
              "metrics", "hooks", "status")
 _SCOPE_KEYS = ("name", "cgroup", "when", "headroom", "psi", "events", "unit", "select")
-_LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+_SCOPE_NAME_RE = re.compile(r"[A-Za-z0-9_.:/*?\[\]\-]{1,128}")
+SCOPE_NAME_HELP = "1-128 characters: letters, digits, _ . : / * ? [ ] -"
+_LISTEN_RE = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
 
 def _unknown(origin: str, where: str, table: Mapping[str, object], known: tuple[str, ...]) -> None:
@@ -400,8 +466,10 @@ def _table(origin: str, data: Mapping[str, Any], name: str) -> Mapping[str, Any]
     return value
 
 
-def apply(base: Config, data: Mapping[str, Any], origin: str) -> Config:
-    """Overlay a parsed TOML document (or CLI overrides in the same shape) on `base`."""
+def apply(base: Config, data: Mapping[str, Any], origin: str, *, rule_start: int = 1) -> Config:
+    """Overlay a parsed TOML document (or CLI overrides in the same shape) on `base`.
+    The [[rule]] tables are numbered from `rule_start` (in labels and error keys), so
+    rules added after others can carry on their numbering."""
     _unknown(origin, "", data, _SECTIONS)
     changes: dict[str, Any] = {"origin": origin}
     d = _table(origin, data, "daemon")
@@ -431,9 +499,11 @@ def apply(base: Config, data: Mapping[str, Any], origin: str) -> Config:
         if key in t:
             changes[key] = _number(origin, f"detect.{key}", t[key], lo, hi)
 
+    given: dict[str, Mapping[str, object]] = {}   # the levels this overlay sets, as written
     for section in ("memory", "swap"):
         s = _table(origin, data, section)
         _unknown(origin, section, s, LEVELS)
+        given[section] = s
         if s:
             levels = dict(getattr(base, section))
             for lvl in LEVELS:
@@ -479,10 +549,10 @@ def apply(base: Config, data: Mapping[str, Any], origin: str) -> Config:
         rules = data["rule"]
         if not isinstance(rules, list):
             raise ConfigError(origin, "rule", rules, "an array of tables ([[rule]])")
-        changes["rules"] = tuple(_rule(origin, i, r) for i, r in enumerate(rules, 1))
+        changes["rules"] = tuple(_rule(origin, i, r) for i, r in enumerate(rules, rule_start))
 
     cfg = dataclasses.replace(base, **changes)
-    _check_coherence(cfg)
+    _check_coherence(cfg, given)
     return cfg
 
 
@@ -493,6 +563,8 @@ def _path(origin: str, key: str, value: object, *, stdout: bool = False) -> str:
     assert isinstance(value, str)
     if value and not value.startswith("/") and not (stdout and value == "-"):
         raise ConfigError(origin, key, value, allowed)
+    if "\0" in value:  # no file has one; open() would raise ValueError later
+        raise ConfigError(origin, key, value, "a path without NUL characters")
     return value
 
 
@@ -503,6 +575,8 @@ def _argv(origin: str, key: str, value: object) -> tuple[str, ...]:
         raise ConfigError(origin, key, value, allowed)
     if value and not value[0].startswith("/"):
         raise ConfigError(origin, key, value, allowed)
+    if any("\0" in a for a in value):  # os.stat and exec refuse them with ValueError
+        raise ConfigError(origin, key, value, "arguments without NUL characters")
     if value:
         try:
             st = os.stat(value[0])
@@ -544,7 +618,7 @@ def _apply_ops(origin: str, data: Mapping[str, Any], changes: dict[str, Any]) ->
         value = m["listen"]
         allowed = 'HOST:PORT (e.g. "127.0.0.1:9772", "[::1]:9772") with port 1-65535, or ""'
         _check_type(origin, "metrics.listen", value, str, allowed)
-        match = _LISTEN_RE.match(value) if value else None
+        match = _LISTEN_RE.fullmatch(value) if value else None
         if value and (match is None or not 1 <= int(match.group(2)) <= 65535):
             raise ConfigError(origin, "metrics.listen", value, allowed)
         changes["metrics_listen"] = value
@@ -571,6 +645,11 @@ def _regex(origin: str, key: str, value: object) -> re.Pattern[str]:
         return re.compile(value)
     except re.error as e:
         raise ConfigError(origin, key, value, f"not a valid regular expression: {e}") from None
+    except OverflowError as e:  # "a{4294967296}": the repetition number is too large
+        raise ConfigError(origin, key, value, f"not a valid regular expression: {e}") from None
+    except RecursionError:      # the compiler recurses on each nested group
+        raise ConfigError(origin, key, value,
+                          "not a valid regular expression: groups nested too deeply") from None
 
 
 def _uid(origin: str, key: str, value: object) -> int:
@@ -579,7 +658,7 @@ def _uid(origin: str, key: str, value: object) -> int:
     if isinstance(value, str):
         try:
             return pwd.getpwnam(value).pw_uid
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
             raise ConfigError(origin, key, value, "no such user on this system") from None
     raise ConfigError(origin, key, value, "a user name or a numeric uid")
 
@@ -590,7 +669,7 @@ def _rule(origin: str, index: int, r: object) -> Rule:
         raise ConfigError(origin, where, r, "a table with action and at least one matcher")
     _unknown(origin, where, r, _RULE_KEYS)
     if "action" not in r:
-        raise ConfigError(origin, f"{where}.action", None,
+        raise ConfigError(origin, f"{where}.action", None,  # None: shown as missing
                           "required: one of \"prefer\", \"avoid\", \"protect\"")
     action = Action(_choice(origin, f"{where}.action", r["action"],
                             tuple(a.value for a in Action)))
@@ -610,6 +689,15 @@ def _rule(origin: str, index: int, r: object) -> Rule:
                               "a protect rule takes no adjust: protected processes are never "
                               "killed")
         adjust = _integer(origin, f"{where}.adjust", r["adjust"], -100_000, 100_000)
+        # the same rule as policy.Rule's, which would raise a plain ValueError
+        if action is Action.PREFER and adjust < 0:
+            raise ConfigError(origin, f"{where}.adjust", adjust,
+                              "a prefer rule raises the score: an integer from 0 to 100000 "
+                              "(0 for the default +300); use an avoid rule to lower it")
+        if action is Action.AVOID and adjust > 0:
+            raise ConfigError(origin, f"{where}.adjust", adjust,
+                              "an avoid rule lowers the score: an integer from -100000 to 0 "
+                              "(0 for the default -300); use a prefer rule to raise it")
     shown = " ".join(f"{k}={v!r}" for k, v in r.items() if k not in ("action", "adjust"))
     return Rule(action=action, adjust=adjust, label=f"rule {index} ({action.value} {shown})",
                 **matchers)
@@ -627,15 +715,22 @@ def _scope(origin: str, index: int, sc: object) -> ScopeConfig:
     _check_type(origin, f"{where}.cgroup", pattern, str,
                 "a cgroup path or glob under the cgroup2 mount")
     assert isinstance(pattern, str)
-    if not pattern.strip("/") or ".." in pattern.split("/"):
+    # "", "/", ".", "./", "/./": all name the root
+    if posixpath.normpath(pattern.strip("/")) == "." or ".." in pattern.split("/"):
         raise ConfigError(origin, f"{where}.cgroup", pattern,
                           "a cgroup below the root, without '..' (the root is the machine scope)")
     changes: dict[str, Any] = {"cgroup": pattern}
-    name = sc.get("name", pattern)
-    _check_type(origin, f"{where}.name", name, str, "a short name for logs and metrics")
-    if not re.fullmatch(r"[A-Za-z0-9_.:/*\-]{1,64}", str(name)):
-        raise ConfigError(origin, f"{where}.name", name,
-                          "1-64 characters: letters, digits, _ . : / * -")
+    if "name" in sc:
+        name = sc["name"]
+        _check_type(origin, f"{where}.name", name, str, "a short name for logs and metrics")
+        if not _SCOPE_NAME_RE.fullmatch(name):
+            raise ConfigError(origin, f"{where}.name", name, SCOPE_NAME_HELP)
+    else:
+        name = pattern
+        if not _SCOPE_NAME_RE.fullmatch(name):
+            raise ConfigError(origin, f"{where}.cgroup", pattern,
+                              f"without a name the pattern is the scope's name, and a name is "
+                              f"{SCOPE_NAME_HELP}; give {where}.name")
     changes["name"] = name
     base = ScopeConfig(name=str(name), cgroup=pattern)
     if "when" in sc:
@@ -666,36 +761,65 @@ def _scope(origin: str, index: int, sc: object) -> ScopeConfig:
     if "select" in sc:
         changes["select"] = _choice(origin, f"{where}.select", sc["select"], SELECTS)
     scope = dataclasses.replace(base, **changes)
-    _check_order(origin, f"{where}.headroom", scope.headroom)
+    headroom = sc.get("headroom", {})
+    _check_order(origin, f"{where}.headroom", scope.headroom, headroom)
     return scope
 
 
-def _check_coherence(cfg: Config) -> None:
+def _check_coherence(cfg: Config,
+                     given: Mapping[str, Mapping[str, object]] | None = None) -> None:
     origin = cfg.origin
     if cfg.poll_min > cfg.poll_max:
         raise ConfigError(origin, "detect.poll_min", cfg.poll_min,
                           f"must not exceed detect.poll_max ({cfg.poll_max:g})")
     for section in ("memory", "swap"):
-        _check_order(origin, section, getattr(cfg, section))
+        _check_order(origin, section, getattr(cfg, section), (given or {}).get(section, {}))
 
 
-def _check_order(origin: str, section: str, levels: Mapping[str, Level]) -> None:
+_NOMINAL_TOTALS = ((1 << 30, "1 GiB"), (1 << 40, "1 TiB"))
+
+
+def _check_order(origin: str, section: str, levels: Mapping[str, Level],
+                 given: Mapping[str, object] | None = None) -> None:
     """warn >= term >= kill.  A level given as % and one as a size can only be ordered
-    against a total, so both a small and a large nominal total are checked."""
-    for total in (1 << 30, 1 << 40):
+    against a total, so both a small and a large nominal total are checked.
+
+    `given` holds the levels the document being applied sets, as written: of two levels
+    out of order, the one it set is blamed (the lower one when it set both or neither)."""
+    given = given or {}
+    for total, total_text in _NOMINAL_TOTALS:
         values = [(lvl, levels[lvl].bytes_of(total)) for lvl in LEVELS]
         present = [(lvl, v) for lvl, v in values if v is not None]
         for (hi_name, hi), (lo_name, lo) in itertools.pairwise(present):
-            if lo > hi:
-                raise ConfigError(origin, f"{section}.{lo_name}", levels[lo_name].to_toml(),
-                                  f"must be at or below {section}.{hi_name} "
-                                  f"({levels[hi_name].to_toml()!r})")
+            if lo <= hi:
+                continue
+            kinds = {t.size is None for lvl in (hi_name, lo_name)
+                     for t in levels[lvl].thresholds}
+            if hi_name in given and lo_name not in given:
+                blamed, other, relation = hi_name, lo_name, "above"
+                shown, against = hi, lo
+            else:
+                blamed, other, relation = lo_name, hi_name, "below"
+                shown, against = lo, hi
+            value = given[blamed] if blamed in given else levels[blamed].to_toml()
+            allowed = (f"must be at or {relation} {section}.{other} "
+                       f"({levels[other].describe()})")
+            if len(kinds) > 1:  # a percentage against a size: say on which total
+                allowed += (f": on a {total_text} total it is {fmt_bytes(shown)} against "
+                            f"{fmt_bytes(against)}")
+            raise ConfigError(origin, f"{section}.{blamed}", value, allowed)
 
 
 def load(path: str | None, *, required: bool) -> Config:
     """Defaults overlaid with the file at `path`.  A missing default file is fine (the
-    built-in defaults serve); a missing file the user named is an error."""
+    built-in defaults serve); a missing file the user named is an error, and so is an
+    empty path the user gave (`--config ""`)."""
+    if path == "" and required:
+        raise ConfigError("command line", "--config", path,
+                          "an empty path: give the path of a TOML file")
     target = path or DEFAULT_PATH
+    if "\0" in target:  # open() would raise ValueError
+        raise ConfigError(target, "--config", target, "a path without NUL characters")
     try:
         with open(target, "rb") as f:
             check_trusted(target, os.fstat(f.fileno()), "--config")
@@ -708,8 +832,16 @@ def load(path: str | None, *, required: bool) -> Config:
         raise ConfigError(target, "--config", target, "permission denied") from None
     except IsADirectoryError:
         raise ConfigError(target, "--config", target, "is a directory, not a file") from None
+    except OSError as e:  # ENOTDIR, ELOOP, ENAMETOOLONG, EIO, ...
+        raise ConfigError(target, "--config", target,
+                          f"cannot read it: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(target, "(syntax)", str(e), "valid TOML") from None
+    except UnicodeDecodeError as e:  # tomllib decodes the bytes first
+        raise ConfigError(target, "(syntax)", str(e), "valid TOML (in UTF-8)") from None
+    except RecursionError:  # tomllib recurses on nested arrays and inline tables
+        raise ConfigError(target, "(syntax)", "arrays or tables nested too deeply",
+                          "valid TOML") from None
     return apply(Config(), data, target)
 
 
@@ -787,7 +919,18 @@ def _toml_value(value: object) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + _TOML_ESCAPE_RE.sub(_toml_escape, value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+_TOML_ESCAPE_RE = re.compile(r'["\\\x00-\x1f\x7f]')
+_TOML_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r",
+                 '"': '\\"', "\\": "\\\\"}
+
+
+def _toml_escape(m: re.Match[str]) -> str:
+    """A TOML basic-string escape: the short ones, else \\uXXXX (control characters)."""
+    ch = m.group()
+    return _TOML_ESCAPES.get(ch) or f"\\u{ord(ch):04X}"

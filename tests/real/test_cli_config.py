@@ -78,9 +78,9 @@ BAD_FLAGS: list[tuple[str, list[str], str]] = [
      f"{CL}: memory.term = ['5%', '12X']: {LEVEL_HELP}"),
     ("memory-kill-empty", ["--memory-kill", ""], f"{CL}: memory.kill = '': {LEVEL_HELP}"),
     ("memory-kill-above-term", ["--memory-kill", "6%"],
-     f"{CL}: memory.kill = '6%': must be at or below memory.term ('5%')"),
+     f"{CL}: memory.kill = '6%': must be at or below memory.term (5%)"),
     ("swap-term-above-warn", ["--swap-term", "50%"],
-     f"{CL}: swap.term = '50%': must be at or below swap.warn ('10%')"),
+     f"{CL}: swap.term = '50%': must be at or below swap.warn (10%)"),
     ("swap-kill-150%", ["--swap-kill", "150%"], f"{CL}: swap.kill = '150%': {PERCENT_RANGE}"),
     ("reapers-0", ["--reapers", "0"], f"{CL}: daemon.reapers = 0: an integer from 1 to 16"),
     ("reapers-17", ["--reapers", "17"], f"{CL}: daemon.reapers = 17: an integer from 1 to 16"),
@@ -200,7 +200,7 @@ def test_flag_crossing_a_file_level(command: str, tmp_path: Path, spawn: Spawn) 
     path.write_text('[memory]\nterm = "1%"\nkill = "0.5%"\n')
     result = check_refused(command, ["--config", str(path), "--memory-kill", "2%"], spawn)
     assert result.stderr == (f"mreaper {command}: {CL}: memory.kill = '2%': must be at or "
-                             "below memory.term ('1%')\n")
+                             "below memory.term (1%)\n")
 
 
 @pytest.mark.parametrize("command", ["config", "run"])

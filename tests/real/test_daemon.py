@@ -113,7 +113,7 @@ def test_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
                              check=False, capture_output=True, text=True, timeout=30)
         assert out.returncode == 2
         assert out.stderr.strip() == (f"mreaper run: {cfg}: memory.kill = '50%': must be at or "
-                                      "below memory.term ('10%')")
+                                      "below memory.term (10%)")
         assert victim.poll() is None
     finally:
         victim.kill()
