@@ -136,7 +136,7 @@ def load_config(args: argparse.Namespace) -> config.Config:
     if not overrides:
         return cfg
     file_rules, file_origin = cfg.rules, cfg.origin
-    cfg = config.apply(cfg, overrides, "command line")
+    cfg = config.apply(cfg, overrides, "command line", rule_start=len(file_rules) + 1)
     rules = file_rules + cfg.rules if "rule" in overrides else cfg.rules
     return dataclasses.replace(cfg, rules=rules, origin=f"{file_origin} + command line")
 
