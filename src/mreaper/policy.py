@@ -154,6 +154,10 @@ class Ranked:
     score: int
     touched_by: tuple[str, ...]  # e.g. "rule 1 (prefer name=chrome): +300", "...: protect"
     excluded: str | None         # None: eligible; else why not
+    # True when the process must not die at all (a protect rule, oom_score_adj -1000,
+    # user.oomd_omit), not merely be passed over (min_rss, outside the scope): a cgroup
+    # holding it must not be killed as a whole either.
+    must_live: bool = False
 
     @property
     def eligible(self) -> bool:
@@ -188,8 +192,10 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
     Base score: oom_score, or rss // MiB with SortBy.RSS.  Every matching prefer/avoid
     rule adds its adjustment.  Excluded (kept in the list, with the reason): a match of
     a protect rule, oom_score_adj -1000, rss below `min_rss` bytes, a cgroup outside
-    `scope_cgroup`.  Order: eligible first, by score descending, then larger rss, then
-    lower pid; the excluded after, in the same order.
+    `scope_cgroup`.  The first three (and user.oomd_omit) also set `must_live`: the
+    process must not die at all, so neither may a cgroup holding it.  Order: eligible
+    first, by score descending, then larger rss, then lower pid; the excluded after, in
+    the same order.
     """
     if min_rss < 0:
         raise ValueError(f"min_rss {min_rss!r}: must be >= 0 bytes")
@@ -202,12 +208,14 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
         score = c.oom_score if sort_by is SortBy.OOM_SCORE else c.rss // MiB
         touched: list[str] = []
         reasons: list[str] = []
+        must_live = False
         for rule, label in labelled:
             if not rule.matches(c):
                 continue
             if rule.action is Action.PROTECT:
                 touched.append(f"{label}: protect")
                 reasons.append(f"protected by {label}")
+                must_live = True
             else:
                 score += rule.effective_adjust
                 touched.append(f"{label}: {rule.effective_adjust:+d}")
@@ -217,18 +225,21 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
                 where, what = pref
                 if what == "omit":
                     reasons.append(f"user.oomd_omit on {where}")
+                    must_live = True
                 elif what == "avoid":
                     score -= DEFAULT_ADJUST
                     touched.append(f"user.oomd_avoid on {where}: "
                                    f"{-DEFAULT_ADJUST:+d}")
         if c.oom_score_adj <= OOM_SCORE_ADJ_MIN:
             reasons.append(f"oom_score_adj {c.oom_score_adj}")
+            must_live = True
         if scope_cgroup is not None and not in_scope(c.cgroup, scope_cgroup):
             reasons.append(f"cgroup {c.cgroup or '(none)'} outside scope {scope_cgroup}")
         if c.rss < min_rss:
             reasons.append(f"rss {reap.fmt_bytes(c.rss)} below min_rss {reap.fmt_bytes(min_rss)}")
         ranked.append(Ranked(candidate=c, score=score, touched_by=tuple(touched),
-                             excluded="; ".join(reasons) if reasons else None))
+                             excluded="; ".join(reasons) if reasons else None,
+                             must_live=must_live))
     ranked.sort(key=lambda r: (r.excluded is not None, -r.score, -r.candidate.rss,
                                r.candidate.pid))
     return ranked

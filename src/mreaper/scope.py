@@ -205,6 +205,11 @@ class CgroupScope(Scope):
                       psi_full_avg10=avgs.get("full"), distance=distance)
 
     def capabilities(self) -> str:
+        """What this scope can see, for the log line when it is picked up.  Before the
+        first look there is no state yet, so it reads memory state itself: that raises
+        cgroup.CgroupGone when the cgroup was removed since it was resolved (the
+        daemon catches it and drops the scope) and ValueError on a memory file it
+        cannot parse, as look() does."""
         assert self.cgroup_dir is not None
         state = self._state or cgroup.read_memory_state(self.cgroup_dir)
         parts = [f"cgroup {self.cgroup_dir}"]
@@ -230,7 +235,8 @@ def scope_name(sc: ScopeConfig, cgroup_path: str) -> str:
 
 
 def resolve_scopes(cfg: Config, unified: str) -> dict[str, tuple[ScopeConfig, str]]:
-    """Scope name -> (its config, its cgroup directory), for every pattern now."""
+    """Scope name -> (its config, its cgroup directory), for every pattern now.  Never
+    the root cgroup (cgroup.resolve drops it): the root is the machine scope."""
     out: dict[str, tuple[ScopeConfig, str]] = {}
     for sc in cfg.scopes:
         for d in cgroup.resolve(unified, sc.cgroup):
@@ -274,10 +280,12 @@ def child_cgroups(scope_dir: str, unified: str, candidates: Sequence[policy.Cand
     processes where there is no memory controller), growth since the previous look
     (bytes/s) and pressure (memory.pressure some avg10).  A child holding a process
     that must not die (protect rule, oom_score_adj -1000, user.oomd_omit) is excluded:
-    killing the cgroup would kill it too."""
+    killing the cgroup would kill it too.  A process merely passed over as a single
+    victim (rss below min_rss, outside the scope) does not exclude its child: only
+    `Ranked.must_live` does."""
     excluded_by_path: dict[str, str] = {}
     for r in ranked:
-        if r.excluded and "outside scope" not in r.excluded:
+        if r.must_live:
             excluded_by_path.setdefault(r.candidate.cgroup, f"{r.candidate.pid} "
                                                           f"{r.candidate.name!r}: {r.excluded}")
     out = []

@@ -9,6 +9,7 @@ waiting for per-CPU free lists to drain (research/mrelease-facts.md).
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
@@ -127,11 +128,23 @@ class MemoryState:
 
 
 def _read_optional(path: str) -> bytes | None:
+    """The file's bytes, or None when it does not exist.  Other errors propagate: a
+    read of a cgroup removed after the open fails with ENODEV (see `_gone`)."""
     try:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
         return None
+
+
+# What cgroupfs answers for a cgroup that was removed under us: ENOENT when it is gone
+# before the open, ENODEV when rmdir raced between the open and the read (kernfs
+# deactivates the node of an open file).
+_GONE_ERRNOS = (errno.ENOENT, errno.ENODEV)
+
+
+def _gone(e: OSError) -> bool:
+    return e.errno in _GONE_ERRNOS
 
 
 def read_memory_state(cgroup_dir: str) -> MemoryState:
@@ -161,26 +174,38 @@ def read_memory_state(cgroup_dir: str) -> MemoryState:
 
 
 def read_procs(cgroup_dir: str, recursive: bool = True) -> list[int]:
-    """PIDs in the cgroup (and its descendants when recursive); [] if it vanished."""
+    """PIDs in the cgroup (and its descendants when recursive); [] if it vanished.  A
+    descendant removed mid-walk (its cgroup.procs gone, or ENODEV on the read) is
+    skipped and the rest returned."""
     pids: list[int] = []
     for root, dirs, _files in os.walk(cgroup_dir) if recursive else [(cgroup_dir, [], [])]:
-        del dirs  # os.walk descends on its own
-        data = _read_optional(os.path.join(root, "cgroup.procs"))
+        del dirs  # os.walk descends on its own (and skips directories it cannot list)
+        try:
+            data = _read_optional(os.path.join(root, "cgroup.procs"))
+        except OSError as e:
+            if not _gone(e):
+                raise
+            continue
         if data:
             pids.extend(int(x) for x in data.split())
     return pids
 
 
 def children(cgroup_dir: str) -> list[str]:
-    """Child cgroups (directories), sorted; [] if the cgroup vanished."""
+    """Child cgroups (directories), sorted; [] if the cgroup vanished (ENOENT, or
+    ENODEV when it is removed while being listed)."""
     try:
-        return sorted(e.path for e in os.scandir(cgroup_dir) if e.is_dir(follow_symlinks=False))
-    except FileNotFoundError:
-        return []
+        with os.scandir(cgroup_dir) as it:
+            return sorted(e.path for e in it if e.is_dir(follow_symlinks=False))
+    except OSError as e:
+        if _gone(e):
+            return []
+        raise
 
 
 def can_kill(cgroup_dir: str) -> bool:
-    """cgroup.kill exists (Linux >= 5.14) in this cgroup."""
+    """cgroup.kill exists (Linux >= 5.14) in this cgroup.  False for a cgroup that is
+    gone: os.path.exists never raises."""
     return os.path.exists(os.path.join(cgroup_dir, "cgroup.kill"))
 
 
@@ -192,8 +217,14 @@ def kill(cgroup_dir: str) -> None:
 
 
 def oom_group(cgroup_dir: str) -> bool:
-    """memory.oom.group = 1: the workload wants to die as a whole."""
-    data = _read_optional(os.path.join(cgroup_dir, "memory.oom.group"))
+    """memory.oom.group = 1: the workload wants to die as a whole.  False when the
+    cgroup is gone (no file, or ENODEV when removed between the open and the read)."""
+    try:
+        data = _read_optional(os.path.join(cgroup_dir, "memory.oom.group"))
+    except OSError as e:
+        if _gone(e):
+            return False
+        raise
     return data is not None and data.strip() == b"1"
 
 
@@ -214,12 +245,23 @@ def oomd_preference(cgroup_dir: str) -> str | None:
 
 def resolve(unified: str, pattern: str) -> list[str]:
     """The cgroup directories a scope pattern names: an absolute path under the cgroup2
-    mount, or a path relative to it; glob characters allowed.  Sorted, existing only."""
+    mount, or a path relative to it; glob characters allowed.  Sorted, existing only.
+
+    Never the root cgroup itself ("." or the mount path name it): the root is the
+    machine scope, whose figures are the whole machine's.  Nor anything that is not
+    below the mount once resolved."""
     import glob
 
     full = pattern if pattern.startswith(unified.rstrip("/") + "/") or pattern == unified \
         else os.path.join(unified, pattern.lstrip("/"))
-    return sorted(p for p in glob.glob(full) if os.path.isdir(p))
+    top = os.path.realpath(unified)
+    below = top.rstrip("/") + "/"
+
+    def strictly_below(p: str) -> bool:
+        real = os.path.realpath(p)
+        return real != top and real.startswith(below)
+
+    return sorted(p for p in glob.glob(full) if os.path.isdir(p) and strictly_below(p))
 
 
 def relative(unified: str, cgroup_dir: str) -> str:
