@@ -191,7 +191,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         rel = cgroup.relative(unified, path)
         ranked = policy.rank(candidates, cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss,
                              scope_cgroup=rel, cgroup_preferences=prefs)
-        inside = [r for r in ranked if r.excluded is None or "outside scope" not in r.excluded]
+        inside = [r for r in ranked if policy.in_scope(r.candidate.cgroup, rel)]
         print(f"scope {name}: cgroup {path}; unit {sc.unit}"
               + (f" by {sc.select}" if sc.unit == "cgroup" else ""))
         if sc.unit == "cgroup":

@@ -408,8 +408,9 @@ class Daemon:
             return False
         if scope.settle is not None:
             deadline, target = scope.settle
-            if (target is not None and available is not None and available < target
-                    and time.monotonic() < deadline):
+            # Without a figure to watch (a PSI-only scope), wait out the deadline.
+            recovered = target is not None and available is not None and available >= target
+            if not recovered and time.monotonic() < deadline:
                 return False
             scope.settle = None
         return True
@@ -445,6 +446,10 @@ class Daemon:
         if inflight.available_at_kill is not None:
             target = inflight.available_at_kill + int(max(freed or 0, 0) * 0.75)
         scope.settle = (time.monotonic() + min(1.0, self.cfg.recovery_timeout), target)
+        # PSI events from before the kill say nothing about after it: the pressure must
+        # fire again to count, or a trigger still "active" from the old stall would take
+        # a second victim at once.
+        scope.psi.fired.clear()
 
     def _act(self, scope: Scope, verdict: Verdict, detected_at: float, pool: ReaperPool,
              cache: CandidateCache) -> None:
