@@ -250,9 +250,10 @@ KILLING = re.compile(
     r"\[(?P<why>.*)\]; decided in (?P<decided_ms>[\d.]+) ms from a (?P<age_ms>\d+) ms old ranking")
 KILLED = re.compile(
     r"(?:\[(?P<scope>[^\]]+)\] )?killed (?P<pid>\d+) '(?P<name>[^']*)' \(uid \d+; rss "
-    r"(?P<rss>[-\d.]+ \w+): .*?\) with (?P<signals>\S+)(?: \[(?P<why>.*?)\])?"
+    r"(?P<rss>[-\d.]+ \w+): .*?\) with (?P<signals>no signal|\S+)(?: \[(?P<why>.*?)\])?"
     r"(?:; process_mrelease (?P<mrelease>\S+) \((?P<errno>\w+)\) in (?P<mrelease_ms>[\d.]+|\?)"
-    r"(?: ms)?)?; memory back (?P<back>[\d.]+ ms|\?), exit (?P<exit>[\d.]+ ms|\?) after SIGKILL"
+    r"(?: ms)?)?; memory back (?P<back>[\d.]+ ms|\?), exit (?P<exit>[\d.]+ ms|\?) after "
+    r"(?P<after>the kill|[\w.]+)"
     r"(?:; freed (?P<freed>-?[\d.]+ \w+) \((?P<freed_source>[^)]*)\))?(?P<notes>.*)$")
 
 
