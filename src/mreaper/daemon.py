@@ -224,8 +224,13 @@ class Daemon:
         self._resolved_at = 0.0
         self._unified = ""
         self._previous_sizes: dict[str, dict[str, int]] = {}
+        self._own_pressure: str | None = None
         self.sink: Sink = sink if sink is not None else LogSink()
         self._before_kill = before_kill
+        # (pid, starttime) of processes we SIGKILLed that have not been seen to exit: a
+        # victim stuck in D state keeps its place in /proc (and its oom_score) but must
+        # never be chosen again.
+        self._killed: set[tuple[int, int]] = set()
         self.syscalls = syscalls or LinuxSyscalls()
         self._mounts_file = mounts_file
         self._pressure_path = pressure_path
@@ -262,7 +267,9 @@ class Daemon:
             self._unified = cgroup.find_mounts(self._mounts_file).unified
         except OSError:
             self._unified = ""
-        machine = MachineScope(cfg, self.meminfo, self._unified, self._pressure_path)
+        self._own_pressure = self._own_cgroup_check()
+        machine = MachineScope(cfg, self.meminfo, self._unified, self._pressure_path,
+                               self._own_pressure)
         self.scopes[MACHINE] = machine
         log.info("scope machine: %s", machine.capabilities())
         self._resolve(time.monotonic())
@@ -290,6 +297,31 @@ class Daemon:
         log.info("stopped")
         return 0
 
+    def _own_cgroup_check(self) -> str | None:
+        """Our own cgroup v2: warn if it limits our memory (memory.high throttling stalls
+        the daemon when it must act), and return its memory.pressure so our own stall
+        is not taken for the machine's."""
+        if not self._unified:
+            return None
+        try:
+            own = procfs.read_cgroup(os.getpid()).unified
+        except (procfs.ProcessGone, OSError):
+            return None
+        if own in ("", "/"):
+            return None
+        path = os.path.join(self._unified, own.lstrip("/"))
+        try:
+            state = cgroup.read_memory_state(path)
+        except (cgroup.CgroupGone, ValueError):
+            return None
+        if state.limit is not None:
+            log.warning("self-protection: mreaper's own cgroup %s limits it to %s "
+                        "(memory.max/high): throttling would stall it just when it must act; "
+                        "its own stall is not counted as pressure, but raise the limit",
+                        own, fmt_bytes(state.limit))
+        pressure = os.path.join(path, "memory.pressure")
+        return pressure if os.path.exists(pressure) else None
+
     def _resolve(self, now: float) -> None:
         """Match the [[scope]] patterns against the cgroup tree: add new cgroups, drop
         removed ones (a kill in flight there finishes on its own)."""
@@ -308,7 +340,7 @@ class Daemon:
         for name, (sc, path) in wanted.items():
             if name not in self.scopes:
                 scope = CgroupScope(sc, name, path, self._unified, poll_min=self.cfg.poll_min,
-                                    poll_max=self.cfg.poll_max)
+                                    poll_max=self.cfg.poll_max, own_pressure=self._own_pressure)
                 self.scopes[name] = scope
                 try:
                     log.info("scope %s: %s", name, scope.capabilities())
@@ -345,8 +377,10 @@ class Daemon:
         verdict = look.verdict
         self._track_episode(scope, verdict, now, look.available)
         self._collect(scope)
-        if scope.inflight and scope.inflight.escalation and verdict.severity == Severity.KILL:
-            scope.inflight.escalation.set()  # cut a SIGTERM grace period short
+        if verdict.severity == Severity.KILL:
+            for inflight in scope.inflight:
+                if inflight.escalation:
+                    inflight.escalation.set()  # cut a SIGTERM grace period short
         if verdict.severity >= Severity.TERM and self._ready(scope, look.available):
             self._act(scope, verdict, now, pool, cache)
         return verdict.severity >= Severity.WARN
@@ -402,10 +436,16 @@ class Daemon:
             mem_available=available))
 
     def _ready(self, scope: Scope, available: int | None) -> bool:
-        """No kill in flight in this scope, and its last kill's recovery has shown (or
-        timed out)."""
-        if scope.inflight is not None or time.monotonic() < scope.quiet_until:
+        """Every kill of this scope has given its memory back (it need not have exited:
+        a victim stuck in D state is reaped long before), and the last one's recovery
+        has shown in the figures (or a short deadline passed)."""
+        if time.monotonic() < scope.quiet_until:
             return False
+        for inflight in scope.inflight:
+            if not inflight.released.is_set() and not inflight.future.done():
+                return False
+            if not inflight.settled:
+                self._settle(scope, inflight, inflight.expected)
         if scope.settle is not None:
             deadline, target = scope.settle
             # Without a figure to watch (a PSI-only scope), wait out the deadline.
@@ -415,17 +455,33 @@ class Daemon:
             scope.settle = None
         return True
 
+    def _settle(self, scope: Scope, inflight: InFlight, freed: int | None) -> None:
+        """After a kill, MemAvailable lags what came back (per-CPU free lists, see
+        research/mrelease-facts.md): wait until it shows most of what the kill freed,
+        or a short bound, before judging whether to act again.  And PSI events from
+        before the kill say nothing about after it: the pressure must fire again."""
+        inflight.settled = True
+        target = None
+        if inflight.available_at_kill is not None:
+            target = inflight.available_at_kill + int(max(freed or 0, 0) * 0.75)
+        scope.settle = (time.monotonic() + min(1.0, self.cfg.recovery_timeout), target)
+        scope.psi.fired.clear()
+
     def _collect(self, scope: Scope) -> None:
-        inflight = scope.inflight
-        if inflight is None or not inflight.future.done():
-            return
-        scope.inflight = None
+        for inflight in [i for i in scope.inflight if i.future.done()]:
+            scope.inflight.remove(inflight)
+            self._report(scope, inflight)
+
+    def _report(self, scope: Scope, inflight: InFlight) -> None:
         if inflight.escalation:
             inflight.escalation.close()
         try:
             result = inflight.future.result()
         except Exception:
             log.exception("[%s] kill failed", scope.name)
+            # Not at once again: whatever failed (EPERM...) would fail the same way.
+            scope.settle = (time.monotonic() + min(1.0, self.cfg.recovery_timeout), None)
+            inflight.settled = True
             return
         if isinstance(result, GroupKillReport):
             log.warning("%s%s", "" if scope.name == MACHINE else f"[{scope.name}] ",
@@ -438,18 +494,11 @@ class Daemon:
         for report in reports:
             self.kills.append(report)
             self.sink.kill(report, scope.name)
+            if report.exited:
+                self._killed.discard((report.pid, report.starttime))
         del self.kills[:-KEEP_KILLS]
-        # After a kill, MemAvailable lags what came back (per-CPU free lists, see
-        # research/mrelease-facts.md): wait until it shows most of what the kill
-        # measurably freed, or a short bound, before judging whether to act again.
-        target = None
-        if inflight.available_at_kill is not None:
-            target = inflight.available_at_kill + int(max(freed or 0, 0) * 0.75)
-        scope.settle = (time.monotonic() + min(1.0, self.cfg.recovery_timeout), target)
-        # PSI events from before the kill say nothing about after it: the pressure must
-        # fire again to count, or a trigger still "active" from the old stall would take
-        # a second victim at once.
-        scope.psi.fired.clear()
+        if not inflight.settled:
+            self._settle(scope, inflight, freed)
 
     def _act(self, scope: Scope, verdict: Verdict, detected_at: float, pool: ReaperPool,
              cache: CandidateCache) -> None:
@@ -466,7 +515,7 @@ class Daemon:
                 self._kill_group(scope, unit[0], unit[1], verdict, detected_at=detected_at,
                                  pool=pool, age=age)
                 return
-        victim, chosen = self._pin_first(ranked)
+        victim, chosen = self._pin_first(ranked, scope, prefs)
         if victim is None or chosen is None:
             if not scope.warned_no_victim:
                 log.error("%s%s, but no process may be killed (all protected, excluded or "
@@ -506,9 +555,19 @@ class Daemon:
         log.info("%skilling %d %r (rss %s) [%s]; decided in %.1f ms from a %.0f ms old "
                  "ranking", _prefix(scope), victim.pid, victim.name,
                  fmt_bytes(victim.holdings.vm_rss), why, decided_ms, age * 1000)
-        future = pool.submit(victim, options, reason=why, escalation=escalation)
+        released = threading.Event()
+
+        def on_released() -> None:  # in the reaper thread
+            released.set()
+            self._poke()
+
+        future = pool.submit(victim, options, reason=why, escalation=escalation,
+                             on_released=on_released)
         future.add_done_callback(lambda _f: self._poke())
-        scope.inflight = InFlight(future, escalation, detected_at, again.available)
+        key = (victim.pid, victim.starttime)
+        self._killed.add(key)
+        scope.inflight.append(InFlight(future, escalation, detected_at, again.available,
+                                       victim.holdings.rss_anon, (key,), released))
 
     def _pick_group(self, scope: CgroupScope, candidates: list[policy.Candidate],
                     ranked: list[policy.Ranked]) -> tuple[str, str] | None:
@@ -556,22 +615,60 @@ class Daemon:
         log.info("%skilling cgroup %s (%d processes) [%s]; decided in %.1f ms from a %.0f ms "
                  "old ranking", _prefix(scope), path, len(victims), why, decided_ms, age * 1000)
         options = KillOptions(exit_timeout=self.cfg.recovery_timeout, mrelease=self.cfg.mrelease)
+        keys = tuple((v.pid, v.starttime) for v in victims)
+        expected = sum(v.holdings.rss_anon for v in victims)
         future = pool.submit_group(path, victims, options, reason=why, skipped=tuple(skipped))
         future.add_done_callback(lambda _f: self._poke())
+        self._killed.update(keys)
         available = scope.last.available if scope.last else None
-        scope.inflight = InFlight(future, None, detected_at, available)
+        scope.inflight.append(InFlight(future, None, detected_at, available, expected, keys))
 
-    def _pin_first(self, ranked: list[policy.Ranked]
+    def _pin_first(self, ranked: list[policy.Ranked], scope: Scope, prefs: dict[str, str]
                    ) -> tuple[Victim | None, policy.Ranked | None]:
+        """Pin the first eligible candidate that is still what the ranking says.  The
+        ranking may be seconds old: once pinned, the process is looked at again and
+        ranked alone with the rules, so one that has since become protected (exec'd
+        into a protected name, oom_score_adj -1000) is never signalled."""
+        self._forget_gone()
         for r in ranked:
             if r.excluded is not None:
                 continue
             c = r.candidate
+            if (c.pid, c.starttime) in self._killed:
+                continue  # killed already, not exited yet (stuck): killing it again frees nothing
             try:
-                return Victim.open(c.pid, starttime=c.starttime, syscalls=self.syscalls), r
+                victim = Victim.open(c.pid, starttime=c.starttime, syscalls=self.syscalls)
             except VictimError as e:
                 log.debug("skipping %d: %s", c.pid, e)
+                continue
+            except OSError as e:  # EMFILE, ENOMEM...: this one cannot be pinned now
+                log.warning("cannot pin %d %r: %s", c.pid, c.name, e)
+                continue
+            try:
+                now = policy.snapshot(c.pid)
+            except (procfs.ProcessGone, procfs.ParseError, OSError):
+                now = None
+            again = policy.rank([now], self.cfg.rules, sort_by=self.cfg.sort_by,
+                                min_rss=self.cfg.min_rss, scope_cgroup=scope.cgroup_path,
+                                cgroup_preferences=prefs) if now is not None else []
+            if not again or again[0].excluded is not None:
+                why = again[0].excluded if again else "no longer a candidate"
+                log.info("%d %r changed since it was ranked (%s): not killed", c.pid, c.name,
+                         why)
+                victim.close()
+                continue
+            return victim, r
         return None, None
+
+    def _forget_gone(self) -> None:
+        """Drop killed processes that are gone (or whose PID now names another)."""
+        for pid, starttime in list(self._killed):
+            try:
+                alive = procfs.read_stat(pid).starttime == starttime
+            except (procfs.ProcessGone, procfs.ParseError):
+                alive = False
+            if not alive:
+                self._killed.discard((pid, starttime))
 
     def status(self, top: int = 10) -> dict[str, object]:
         """What the daemon decides from, for `mreaper status` (systemd-oomd's `oomctl

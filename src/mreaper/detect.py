@@ -173,7 +173,8 @@ class PsiMonitor:
     """
 
     def __init__(self, triggers: Mapping[str, PsiTrigger | None],
-                 path: str = "/proc/pressure/memory", alternates: Sequence[str] = ()) -> None:
+                 path: str = "/proc/pressure/memory", alternates: Sequence[str] = (),
+                 own: str | None = None) -> None:
         """Arm each trigger on `path`, or on the first of `alternates` that accepts all
         of them.  For the machine the alternate is the cgroup2 root's memory.pressure:
         the kernel backs it with the same system-wide PSI group, and it stays reachable
@@ -185,6 +186,11 @@ class PsiMonitor:
         self._averages: dict[str, float] = {}
         self._totals: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
         self.rejected = 0  # trigger events the totals did not bear out
+        # The daemon's own cgroup's memory.pressure, when it lies inside what this
+        # monitor watches: a daemon throttled by its own memory.high stalls, and that
+        # stall must not count as pressure to kill for.
+        self.own = own
+        self._own_totals: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
         self.path = path
         refusals = []
         for candidate in (path, *alternates):
@@ -243,9 +249,17 @@ class PsiMonitor:
         span = now - t0
         if span <= 0:
             return True
-        stall_us = current - total0
+        stall_us = current - total0 - self._own_stall(trig.kind, t0)
         # Over a span shorter than the window, hold the stall to the same rate.
         return stall_us >= trig.stall_us * min(1.0, span / window)
+
+    def _own_stall(self, kind: str, since: float) -> int:
+        """The daemon's own stall (us) since `since`, from its cgroup's totals."""
+        own = [(t, tot[kind]) for t, tot in self._own_totals if kind in tot]
+        if len(own) < 2:
+            return 0
+        before = [x for x in own if x[0] <= since]
+        return max(own[-1][1] - (before[-1] if before else own[0])[1], 0)
 
     def refresh(self, now: float) -> None:
         """Read the pressure file once: its averages (for gauges and the fallback) and
@@ -260,13 +274,14 @@ class PsiMonitor:
             self._averages = parse_pressure(data)
         except ValueError:  # garbage: no figures rather than no daemon
             self._averages = {}
-        totals = parse_totals(data)
-        if totals:
-            self._totals.append((now, totals))
-            horizon = now - 2 * max((t.window_us / 1e6 for t in self.triggers.values()),
-                                    default=0)
-            while len(self._totals) > 2 and self._totals[1][0] < horizon:
-                self._totals.popleft()
+        horizon = now - 2 * max((t.window_us / 1e6 for t in self.triggers.values()), default=0)
+        _keep(self._totals, now, parse_totals(data), horizon)
+        if self.own is not None:
+            try:
+                with open(self.own, "rb") as f:
+                    _keep(self._own_totals, now, parse_totals(f.read()), horizon)
+            except OSError:
+                self.own = None  # our cgroup changed or has no PSI: nothing to discount
 
     def averages(self) -> dict[str, float]:
         """avg10 of some/full as of the last refresh."""
@@ -291,6 +306,14 @@ class PsiMonitor:
 
 
 _POLLPRI = 0x002
+
+
+def _keep(samples: collections.deque[tuple[float, dict[str, int]]], now: float,
+          totals: dict[str, int], horizon: float) -> None:
+    if totals:
+        samples.append((now, totals))
+        while len(samples) > 2 and samples[1][0] < horizon:
+            samples.popleft()
 
 
 def has_cap_sys_resource(status_path: str = "/proc/self/status") -> bool:

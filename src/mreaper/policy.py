@@ -23,7 +23,7 @@ from mreaper.linux import procfs
 
 MiB = 1 << 20
 
-OOM_SCORE_ADJ_MIN = -1000  # include/uapi/linux/oom.h: the kernel's "never kill this" too
+OOM_SCORE_ADJ_MIN = reap.OOM_SCORE_ADJ_MIN
 
 DEFAULT_ADJUST = 300  # prefer +300, avoid -300: oom_score units, or MiB in RSS mode
 
@@ -348,7 +348,7 @@ def scan(proc: str = procfs.PROC) -> tuple[list[Candidate], list[str]]:
     warnings: list[str] = []
     for pid in sorted(procfs.list_pids(proc)):
         try:
-            candidate = _snapshot(pid, proc)
+            candidate = snapshot(pid, proc)
         except procfs.ProcessGone:
             continue
         except procfs.ParseError as e:
@@ -362,7 +362,9 @@ def scan(proc: str = procfs.PROC) -> tuple[list[Candidate], list[str]]:
     return candidates, warnings
 
 
-def _snapshot(pid: int, proc: str) -> Candidate | None:
+def snapshot(pid: int, proc: str = procfs.PROC) -> Candidate | None:
+    """One process as a Candidate, or None if it can never be one (kernel thread,
+    zombie, no mm, ...).  Raises ProcessGone/ParseError like the readers."""
     stat = procfs.read_stat(pid, proc)
     if stat.state in ("Z", "X") or reap.refusal(stat) is not None:
         return None

@@ -31,6 +31,9 @@ from dataclasses import asdict, dataclass, field
 from mreaper.linux import cgroup, procfs
 from mreaper.linux.syscalls import LinuxSyscalls, Syscalls
 
+# include/uapi/linux/oom.h: OOM_SCORE_ADJ_MIN disables OOM killing of the task.
+OOM_SCORE_ADJ_MIN = -1000
+
 # --- the victim handle ---------------------------------------------------------------
 
 
@@ -147,6 +150,10 @@ class Victim:
             reason = refusal(after, status.tgid)
             if reason:
                 raise VictimRefused(f"refusing PID {pid} ({status.name}): {reason}")
+            _, adj = procfs.read_oom_score(pid, proc)
+            if adj <= OOM_SCORE_ADJ_MIN:
+                raise VictimRefused(f"refusing PID {pid} ({status.name}): its oom_score_adj is "
+                                    f"{adj}, the kernel's mark for a process never to kill")
             try:
                 sc.pidfd_send_signal(pidfd, 0)  # permission check; sends nothing
             except PermissionError:
@@ -374,8 +381,13 @@ def _demote(victim: Victim, proc: str = procfs.PROC) -> bool:
 
 def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reason: str = "",
                   syscalls: Syscalls | None = None, escalation: Escalation | None = None,
-                  meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo) -> KillReport:
-    """Run the kill sequence on a pinned victim and measure what came back."""
+                  meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo,
+                  on_released: Callable[[], None] | None = None) -> KillReport:
+    """Run the kill sequence on a pinned victim and measure what came back.
+
+    `on_released` is called as soon as the memory is known to be back (process_mrelease
+    reaped it), before the wait for the exit: a victim stuck in D state may take long
+    to exit, and the caller need not wait for that to act again."""
     sc = syscalls or LinuxSyscalls()
     notes: list[str] = []
     signals: list[SignalSent] = []
@@ -415,6 +427,8 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
             outcome, err_name, attempts, mrelease_s, free_at = _mrelease(sc, victim.pidfd,
                                                                          options.retries)
             free_at = _confirm(free_at, victim, charge_before)
+            if free_at is not None and on_released is not None:
+                on_released()
     elif exit_at is None:
         if options.demote:
             demoted = _demote(victim)
@@ -424,6 +438,8 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
                 outcome, err_name, attempts, mrelease_s, free_at = _mrelease(sc, victim.pidfd,
                                                                              options.retries)
                 free_at = _confirm(free_at, victim, charge_before)
+                if free_at is not None and on_released is not None:
+                    on_released()
         else:
             exit_at = time.monotonic()
     if exit_at is None:
@@ -615,7 +631,12 @@ def kill_group(cgroup_dir: str, victims: list[Victim], options: KillOptions = Ki
         notes.append(f"cgroup.kill unavailable ({e.strerror}): SIGKILL per process")
         via = ""
     opts = dataclasses.replace(options, term_timeout=0.0, killed_by=via)
-    members = tuple(kill_and_reap(v, opts, reason=reason, syscalls=syscalls) for v in victims)
+    # One thread per member (bounded): each reaps its member and waits for its exit,
+    # so a member stuck in D state does not hold back the reaping of the others.
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(victims))),
+                            thread_name_prefix="mreaper-group") as members_pool:
+        members = tuple(members_pool.map(
+            lambda v: kill_and_reap(v, opts, reason=reason, syscalls=syscalls), victims))
     after = {f: cgroup.read_charge(f) for f in files}
     deltas = [b - a for f in files if (b := before[f]) is not None and (a := after[f]) is not None]
     freed: int | None = sum(deltas) if files and len(deltas) == len(files) else None
@@ -651,13 +672,15 @@ class ReaperPool:
         self._closed = False
 
     def submit(self, victim: Victim, options: KillOptions = KillOptions(), *, reason: str = "",
-               escalation: Escalation | None = None) -> Future[KillReport]:
+               escalation: Escalation | None = None,
+               on_released: Callable[[], None] | None = None) -> Future[KillReport]:
         """Hand over a pinned victim; the pool owns its pidfd from now on and closes it."""
         with self._lock:
             if self._closed:
                 victim.close()
                 raise RuntimeError("reaper pool is shut down")
-            return self._pool.submit(self._run, victim, options, reason, escalation)
+            return self._pool.submit(self._run, victim, options, reason, escalation,
+                                     on_released)
 
     def submit_group(self, cgroup_dir: str, victims: list[Victim],
                      options: KillOptions = KillOptions(), *, reason: str = "",
@@ -681,7 +704,8 @@ class ReaperPool:
                 v.close()
 
     def _run(self, victim: Victim, options: KillOptions, reason: str,
-             escalation: Escalation | None) -> KillReport:
+             escalation: Escalation | None,
+             on_released: Callable[[], None] | None = None) -> KillReport:
         try:
             if self._before_kill is not None:
                 try:
@@ -690,7 +714,7 @@ class ReaperPool:
                     logging.getLogger("mreaper").exception("before-kill step failed; killing "
                                                            "anyway")
             return kill_and_reap(victim, options, reason=reason, syscalls=self._syscalls,
-                                 escalation=escalation)
+                                 escalation=escalation, on_released=on_released)
         finally:
             victim.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -45,10 +46,18 @@ class Look:
 
 @dataclass
 class InFlight:
+    """A kill handed to the reaper pool.  `released` is set (from the reaper thread)
+    when its memory is known to be back, which can be long before the victim exits
+    (a victim stuck in D state): from then on the scope may act again."""
+
     future: Future[KillReport] | Future[GroupKillReport]
     escalation: Escalation | None
     detected_at: float
     available_at_kill: int | None
+    expected: int                     # bytes the kill should give back (anon RSS)
+    victims: tuple[tuple[int, int], ...]  # (pid, starttime) of each process killed
+    released: threading.Event = field(default_factory=threading.Event)
+    settled: bool = False             # the daemon has started the settle wait for it
 
 
 @dataclass
@@ -59,7 +68,7 @@ class Scope:
     psi: PsiMonitor
     cgroup_dir: str | None = None     # None: the machine
     cgroup_path: str | None = None    # as /proc/<pid>/cgroup shows it ("/a/b")
-    inflight: InFlight | None = None
+    inflight: list[InFlight] = field(default_factory=list)
     settle: tuple[float, int | None] | None = None  # (deadline, available to reach)
     quiet_until: float = 0.0          # dry run: no repeat before this
     warned_no_victim: bool = False
@@ -89,10 +98,11 @@ class MachineScope(Scope):
     """The whole machine: MemAvailable, SwapFree and /proc/pressure/memory."""
 
     def __init__(self, cfg: Config, meminfo: Callable[[], procfs.MemInfo],
-                 unified: str = "", pressure_path: str = "/proc/pressure/memory") -> None:
+                 unified: str = "", pressure_path: str = "/proc/pressure/memory",
+                 own_pressure: str | None = None) -> None:
         alternates = [os.path.join(unified, "memory.pressure")] if unified else []
         super().__init__(name=MACHINE, psi=PsiMonitor(cfg.psi, pressure_path,
-                                                      alternates=alternates))
+                                                      alternates=alternates, own=own_pressure))
         self.cfg = cfg
         self.meminfo = meminfo
         self._mem: procfs.MemInfo | None = None
@@ -144,10 +154,14 @@ class CgroupScope(Scope):
     triggers, and memory.events counters."""
 
     def __init__(self, sc: ScopeConfig, name: str, cgroup_dir: str, unified: str, *,
-                 poll_min: float, poll_max: float) -> None:
+                 poll_min: float, poll_max: float, own_pressure: str | None = None) -> None:
+        path = cgroup.relative(unified, cgroup_dir)
+        own = own_pressure if own_pressure and policy.in_scope(
+            cgroup.relative(unified, os.path.dirname(own_pressure)), path) else None
         super().__init__(name=name, psi=PsiMonitor(sc.psi, os.path.join(cgroup_dir,
-                                                                         "memory.pressure")),
-                         cgroup_dir=cgroup_dir, cgroup_path=cgroup.relative(unified, cgroup_dir))
+                                                                         "memory.pressure"),
+                                                   own=own),
+                         cgroup_dir=cgroup_dir, cgroup_path=path)
         self.sc = sc
         self.poll_min, self.poll_max = poll_min, poll_max
         self._events: dict[str, int] | None = None

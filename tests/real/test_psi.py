@@ -213,11 +213,14 @@ def _psi_totals() -> dict[str, int]:
 @pytest.fixture
 def thrasher(memcg_factory: Callable[[int], MemoryCgroup],
              disk_dir: str) -> Iterator[MemoryCgroup]:
-    """A process thrashing its page cache in a 64 MiB memory cgroup, running."""
-    cg = memcg_factory(64 * MiB)
+    """A process thrashing its page cache in a 48 MiB memory cgroup, running.  Tight on
+    purpose: with 38 MiB of it anonymous the reads reclaim on almost every page, so the
+    real stall clears the trigger's threshold even on a loaded host (a looser 64/32 MiB
+    cgroup stalled ~15 ms/s here, below it)."""
+    cg = memcg_factory(48 * MiB)
     child = subprocess.Popen(
         [sys.executable, "-c", THRASHER, cg.procs_file, os.path.join(disk_dir, "thrash"),
-         str(256 * MiB), str(32 * MiB)],
+         str(256 * MiB), str(38 * MiB)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     try:
         assert child.stdout is not None
