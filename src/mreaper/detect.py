@@ -128,12 +128,17 @@ def next_interval(cfg: Config, mem: MemInfo, fall_rate: float) -> float:
     target = max((x for x in limits if x is not None), default=None)
     if target is None:
         return cfg.poll_max
-    headroom = mem.mem_available - target
-    if headroom <= 0:
-        return cfg.poll_min
+    return interval_for(mem.mem_available - target, fall_rate, cfg.poll_min, cfg.poll_max)
+
+
+def interval_for(room: int, fall_rate: float, poll_min: float, poll_max: float) -> float:
+    """Half the time `room` bytes last at the faster of the observed fall rate and an
+    assumed burst rate, clamped to [poll_min, poll_max] (pure)."""
+    if room <= 0:
+        return poll_min
     # A process can fault in anonymous memory at several GiB/s; earlyoom assumes 6 GB/s.
     rate = max(fall_rate, ASSUMED_FILL_RATE)
-    return min(max(headroom / rate / 2, cfg.poll_min), cfg.poll_max)
+    return min(max(room / rate / 2, poll_min), poll_max)
 
 
 ASSUMED_FILL_RATE = 4.0 * (1 << 30)  # bytes/s

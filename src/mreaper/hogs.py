@@ -94,21 +94,29 @@ class MemoryCgroup:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            try:
-                os.rmdir(self.path)
+            if _try_rmdir(self.path, deadline):
                 return
-            except FileNotFoundError:
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
 
     def __enter__(self) -> MemoryCgroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _try_rmdir(path: str, deadline: float) -> bool:
+    """Remove a cgroup directory: True when it is gone; False (after a short pause) while
+    the kernel still counts exiting tasks in it; the error once `deadline` passed."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.01)
+        return False
+    return True
 
 
 def _v2_has_memory(unified: str) -> bool:
@@ -369,16 +377,8 @@ class Freezer:
         with contextlib.suppress(OSError):
             self.thaw()
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                os.rmdir(self.path)
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        while not _try_rmdir(self.path, deadline):
+            pass
 
     def __enter__(self) -> Freezer:
         return self

@@ -423,25 +423,19 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
     if options.killed_by:
         signals.append(SignalSent(options.killed_by, 0.0))
         kill_at = t0
-        if options.mrelease:
-            outcome, err_name, attempts, mrelease_s, free_at = _mrelease(sc, victim.pidfd,
-                                                                         options.retries)
-            free_at = _confirm(free_at, victim, charge_before)
-            if free_at is not None and on_released is not None:
-                on_released()
     elif exit_at is None:
         if options.demote:
             demoted = _demote(victim)
         if send(signal.SIGKILL):
             kill_at = time.monotonic()
-            if options.mrelease:
-                outcome, err_name, attempts, mrelease_s, free_at = _mrelease(sc, victim.pidfd,
-                                                                             options.retries)
-                free_at = _confirm(free_at, victim, charge_before)
-                if free_at is not None and on_released is not None:
-                    on_released()
         else:
             exit_at = time.monotonic()
+    if kill_at is not None and options.mrelease:  # right after our SIGKILL, never before
+        outcome, err_name, attempts, mrelease_s, free_at = _mrelease(sc, victim.pidfd,
+                                                                     options.retries)
+        free_at = _confirm(free_at, victim, charge_before)
+        if free_at is not None and on_released is not None:
+            on_released()
     if exit_at is None:
         remaining = options.exit_timeout - (time.monotonic() - (kill_at or t0))
         if _wait_readable([victim.pidfd], max(remaining, 0.001)) is not None:

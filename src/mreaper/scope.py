@@ -20,13 +20,13 @@ from mreaper import config as config_mod
 from mreaper import policy
 from mreaper.config import Config, ScopeConfig
 from mreaper.detect import (
-    ASSUMED_FILL_RATE,
     FallRate,
     PsiMonitor,
     Severity,
     Verdict,
     assess,
     assess_scope,
+    interval_for,
     next_interval,
     parse_pressure,
 )
@@ -199,11 +199,8 @@ class CgroupScope(Scope):
         target = max((b for b in bounds if b is not None), default=None)
         if target is None:
             return self.poll_max
-        room = state.headroom - target
-        if room <= 0:
-            return self.poll_min
-        rate = max(self.fall.rate, ASSUMED_FILL_RATE)
-        return min(max(room / rate / 2, self.poll_min), self.poll_max)
+        return interval_for(state.headroom - target, self.fall.rate, self.poll_min,
+                            self.poll_max)
 
     def sample(self) -> Sample:
         state = self._state
