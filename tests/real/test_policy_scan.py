@@ -92,35 +92,12 @@ def test_scan_never_returns_init_self_parent_or_kthreads() -> None:
     assert all(c.rss + c.swap > 0 for c in candidates)
 
 
-def _median_scan_s(runs: int = 20) -> tuple[float, int]:
-    policy.scan()  # warm the dentry cache
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        candidates, _ = policy.scan()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2], len(candidates)
-
-
 @pytest.mark.slow
-def test_scan_cost_with_1000_sleeping_processes(sleepers: list[subprocess.Popen[bytes]],
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    loaded, count = _median_scan_s()
+def test_scan_finds_all_of_1000_sleeping_processes(
+        sleepers: list[subprocess.Popen[bytes]]) -> None:
+    """Correctness at scale; how long it takes is measured in bench/decision_scale.py,
+    not asserted here (absolute times on a shared machine are noise)."""
     candidates, warnings = policy.scan()
     found = {c.pid for c in candidates}
     assert {p.pid for p in sleepers} <= found
     assert warnings == []
-    with capsys.disabled():
-        print(f"\nscan(): {count} candidates ({len(procfs.list_pids())} pids), "
-              f"median {loaded * 1000:.1f} ms")
-    # Generous: it runs every second; a scan near a second would be a regression by 10x.
-    assert loaded < 1.0
-
-
-def test_scan_cost_baseline(capsys: pytest.CaptureFixture[str]) -> None:
-    median, count = _median_scan_s()
-    with capsys.disabled():
-        print(f"\nscan(): {count} candidates ({len(procfs.list_pids())} pids), "
-              f"median {median * 1000:.1f} ms")
-    assert median < 0.5
