@@ -58,6 +58,9 @@ log = logging.getLogger("mreaper")
 EPISODE_CALM = 2.0  # seconds without any level held before an episode is over
 KEEP_KILLS = 20     # kill reports kept for status
 SAMPLE_EVERY = 1.0  # seconds between samples handed to the sinks (gauges)
+SETTLE_REAPED = 0.3  # seconds to let MemAvailable show memory we reaped ourselves
+SETTLE_EXITED = 1.0  # ... and memory the victim's own exit freed
+MIN_GRACE = 1.0      # a SIGTERM grace shorter than this helps no victim: SIGKILL instead
 
 
 # --- logging ---------------------------------------------------------------------------
@@ -445,7 +448,8 @@ class Daemon:
             if not inflight.released.is_set() and not inflight.future.done():
                 return False
             if not inflight.settled:
-                self._settle(scope, inflight, inflight.expected)
+                self._settle(scope, inflight, inflight.expected,
+                             reaped=inflight.released.is_set())
         if scope.settle is not None:
             deadline, target = scope.settle
             # Without a figure to watch (a PSI-only scope), wait out the deadline.
@@ -455,16 +459,22 @@ class Daemon:
             scope.settle = None
         return True
 
-    def _settle(self, scope: Scope, inflight: InFlight, freed: int | None) -> None:
-        """After a kill, MemAvailable lags what came back (per-CPU free lists, see
-        research/mrelease-facts.md): wait until it shows most of what the kill freed,
-        or a short bound, before judging whether to act again.  And PSI events from
-        before the kill say nothing about after it: the pressure must fire again."""
+    def _settle(self, scope: Scope, inflight: InFlight, freed: int | None, *,
+                reaped: bool) -> None:
+        """After a kill, MemAvailable lags what came back: pages a dying process frees
+        itself sit on its CPU's per-CPU free lists for a while (up to ~1 s and beyond,
+        research/mrelease-facts.md), while pages we freed with process_mrelease show
+        within ~0.25 s.  Wait until the figure shows most of what the kill freed, or
+        that bound (from the release), before judging whether to act again.  And PSI
+        events from before the kill say nothing about after it: pressure must fire
+        again."""
         inflight.settled = True
         target = None
         if inflight.available_at_kill is not None:
             target = inflight.available_at_kill + int(max(freed or 0, 0) * 0.75)
-        scope.settle = (time.monotonic() + min(1.0, self.cfg.recovery_timeout), target)
+        start = inflight.released_at[0] if inflight.released_at else time.monotonic()
+        bound = SETTLE_REAPED if reaped else SETTLE_EXITED
+        scope.settle = (start + min(bound, self.cfg.recovery_timeout), target)
         scope.psi.fired.clear()
 
     def _collect(self, scope: Scope) -> None:
@@ -498,7 +508,7 @@ class Daemon:
                 self._killed.discard((report.pid, report.starttime))
         del self.kills[:-KEEP_KILLS]
         if not inflight.settled:
-            self._settle(scope, inflight, freed)
+            self._settle(scope, inflight, freed, reaped=inflight.released.is_set())
 
     def _act(self, scope: Scope, verdict: Verdict, detected_at: float, pool: ReaperPool,
              cache: CandidateCache) -> None:
@@ -548,6 +558,17 @@ class Daemon:
             return
         observe_decision(self.sink, decided_ms / 1000, scope.name)
         term = again.verdict.severity == Severity.TERM
+        if term and self.cfg.term_timeout > 0:
+            # A SIGTERM grace is granted only if memory would last a useful part of it:
+            # at the rate it falls, the kill level may be a fraction of a second away (a
+            # fast leak), too close for the loop to escalate in time, above all when the
+            # daemon itself is slowed by the pressure.
+            room, rate = scope.kill_room(), scope.fall.rate
+            if room is not None and rate > 0 and room / rate < min(MIN_GRACE,
+                                                                 self.cfg.term_timeout):
+                term = False
+                why += (f"; kill level {room / rate:.2f} s away at {fmt_bytes(int(rate))}/s: "
+                        "no time for SIGTERM")
         options = KillOptions(term_timeout=self.cfg.term_timeout if term else 0.0,
                               exit_timeout=self.cfg.recovery_timeout,
                               mrelease=self.cfg.mrelease, demote=self.cfg.demote)
@@ -556,8 +577,10 @@ class Daemon:
                  "ranking", _prefix(scope), victim.pid, victim.name,
                  fmt_bytes(victim.holdings.vm_rss), why, decided_ms, age * 1000)
         released = threading.Event()
+        released_at: list[float] = []
 
         def on_released() -> None:  # in the reaper thread
+            released_at.append(time.monotonic())
             released.set()
             self._poke()
 
@@ -567,7 +590,7 @@ class Daemon:
         key = (victim.pid, victim.starttime)
         self._killed.add(key)
         scope.inflight.append(InFlight(future, escalation, detected_at, again.available,
-                                       victim.holdings.rss_anon, (key,), released))
+                                       victim.holdings.rss_anon, (key,), released, released_at))
 
     def _pick_group(self, scope: CgroupScope, candidates: list[policy.Candidate],
                     ranked: list[policy.Ranked]) -> tuple[str, str] | None:

@@ -57,6 +57,7 @@ class InFlight:
     expected: int                     # bytes the kill should give back (anon RSS)
     victims: tuple[tuple[int, int], ...]  # (pid, starttime) of each process killed
     released: threading.Event = field(default_factory=threading.Event)
+    released_at: list[float] = field(default_factory=list)  # monotonic, set with `released`
     settled: bool = False             # the daemon has started the settle wait for it
 
 
@@ -88,6 +89,10 @@ class Scope:
         raise NotImplementedError
 
     def capabilities(self) -> str:
+        raise NotImplementedError
+
+    def kill_room(self) -> int | None:
+        """Bytes left above the kill level at the last look (None: no such figure)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -128,6 +133,11 @@ class MachineScope(Scope):
         if self._mem is None:
             return self.cfg.poll_min
         return next_interval(self.cfg, self._mem, self.fall.rate)
+
+    def kill_room(self) -> int | None:
+        mem = self._mem
+        bound = self.cfg.memory["kill"].bytes_of(mem.mem_total) if mem else None
+        return None if mem is None or bound is None else mem.mem_available - bound
 
     def sample(self) -> Sample:
         mem = self._mem
@@ -201,6 +211,13 @@ class CgroupScope(Scope):
             return self.poll_max
         return interval_for(state.headroom - target, self.fall.rate, self.poll_min,
                             self.poll_max)
+
+    def kill_room(self) -> int | None:
+        state = self._state
+        if state is None or state.headroom is None or state.limit is None:
+            return None
+        bound = self.sc.headroom["kill"].bytes_of(state.limit)
+        return None if bound is None else state.headroom - bound
 
     def sample(self) -> Sample:
         state = self._state

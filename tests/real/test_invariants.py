@@ -1013,14 +1013,16 @@ def test_daemon_calls_process_mrelease_only_after_its_own_sigkill(
         return lambda: (pid, signal.SIGTERM) in guard.signalled()
 
     def scenario(s: Scenario) -> None:
-        deaf = Leak(memcgs[0], "deaf", ignore_sigterm=True)
+        # Slow (80 MiB/s): the daemon grants a SIGTERM grace only when the kill level
+        # is more than a second away at the rate memory falls.
+        deaf = Leak(memcgs[0], "deaf", ignore_sigterm=True, step=4 * MiB, interval=0.05)
         leaks.append(deaf)
         deaf.grow(380 * MiB)
         s.wait(sigterm_seen(deaf.pid), 30, "SIGTERM to the first leak")
         deaf.grow(1280 * MiB)
         assert s.killed(deaf) == -signal.SIGKILL
         s.reported(1)
-        term = Leak(memcgs[1], "term")
+        term = Leak(memcgs[1], "term", step=4 * MiB, interval=0.05)
         leaks.append(term)
         term.grow(380 * MiB)
         assert s.killed(term) == -signal.SIGTERM
