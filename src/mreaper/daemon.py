@@ -60,6 +60,7 @@ KEEP_KILLS = 20     # kill reports kept for status
 SAMPLE_EVERY = 1.0  # seconds between samples handed to the sinks (gauges)
 SETTLE_REAPED = 0.3  # seconds to let MemAvailable show memory we reaped ourselves
 SETTLE_EXITED = 1.0  # ... and memory the victim's own exit freed
+OWN_HIGH_MARGIN = 16 << 20  # lift our own cgroup's memory.high when this close to it
 MIN_GRACE = 1.0      # a SIGTERM grace shorter than this helps no victim: SIGKILL instead
 
 
@@ -228,6 +229,7 @@ class Daemon:
         self._unified = ""
         self._previous_sizes: dict[str, dict[str, int]] = {}
         self._own_pressure: str | None = None
+        self._own_dir: str | None = None
         self.sink: Sink = sink if sink is not None else LogSink()
         self._before_kill = before_kill
         # (pid, starttime) of processes we SIGKILLed that have not been seen to exit: a
@@ -322,8 +324,34 @@ class Daemon:
                         "(memory.max/high): throttling would stall it just when it must act; "
                         "its own stall is not counted as pressure, but raise the limit",
                         own, fmt_bytes(state.limit))
+        self._own_dir = path
         pressure = os.path.join(path, "memory.pressure")
         return pressure if os.path.exists(pressure) else None
+
+    def _lift_own_high(self) -> None:
+        """A killer throttled by memory.high on its own cgroup cannot act: each page it
+        charges over the limit puts it to sleep (up to 2 s), while the machine runs
+        out (seen in the lab VM: the kernel OOM killer fired first).  When that cgroup
+        holds nothing but mreaper and its charge nears memory.high, lift the limit and
+        say so loudly.  A shared cgroup is left alone: its limit is not ours to lift."""
+        if self._own_dir is None:
+            return
+        try:
+            state = cgroup.read_memory_state(self._own_dir)
+            if state.high is None or state.current is None:
+                return
+            if state.high - state.current > OWN_HIGH_MARGIN:
+                return
+            if cgroup.read_procs(self._own_dir, recursive=True) != [os.getpid()]:
+                return
+            with open(os.path.join(self._own_dir, "memory.high"), "w") as f:
+                f.write("max")
+        except (cgroup.CgroupGone, ValueError, OSError) as e:
+            log.debug("own memory.high not lifted: %s", e)
+            return
+        log.warning("self-protection: lifted memory.high %s of mreaper's own cgroup %s (charge "
+                    "%s): a throttled low-memory killer cannot act in time",
+                    fmt_bytes(state.high), self._own_dir, fmt_bytes(state.current))
 
     def _resolve(self, now: float) -> None:
         """Match the [[scope]] patterns against the cgroup tree: add new cgroups, drop
@@ -365,6 +393,7 @@ class Daemon:
                     if scope.last is not None:
                         self.sink.sample(scope.sample())
                 self.notify.status(status_mod.summary(self.status(top=1)))
+                self._lift_own_high()
             self.notify.watchdog_due(now)
             self._wait(min(self._timeout(scope) for scope in self.scopes.values()))
             self._handle_signals(cache)
