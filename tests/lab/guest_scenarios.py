@@ -609,7 +609,13 @@ def _push(sc: Scenario, limit: int, stop_pattern: str, key: str = "push") -> Res
             info["written"] += len(chunk)
             if info["crossed_at"] is None and meminfo()["MemAvailable"] <= kill_level:
                 info["crossed_at"] = time.monotonic()
+                info["crossed_seen_by"] = "driver"
             if sc.daemon.wait_for(stop_pattern, 0, start=mark) is not None:
+                if info["crossed_at"] is None:
+                    # The daemon saw the level and acted between two of our looks: its
+                    # own reading certifies the crossing, no later than its line.
+                    info["crossed_at"] = sc.daemon.when(stop_pattern)
+                    info["crossed_seen_by"] = "daemon"
                 break
     info["seconds"] = time.monotonic() - t0
     sc.result[key] = info
