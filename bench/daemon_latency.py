@@ -1107,7 +1107,7 @@ def plot(runs: list[Run], path: Path) -> bool:
         ax.axvline((r.exit - r.crossing) * 1000, color="red", lw=1, label="hog exit")
         ax.set_xlim(-400, right)
         ax.set_ylim(min(visible) - 0.05, max(visible) + 0.05)
-        ax.set_title(f"{r.contender}, {r.rate} (run of median detection): SIGKILL "
+        ax.set_title(f"{r.contender}, {r.rate}, the run of median detection:\nSIGKILL "
                      f"{r.crossing_to_sigkill_ms or 0:.0f} ms, exit {r.crossing_to_exit_ms:.0f} "
                      "ms after the crossing", fontsize=10)
         ax.set_xlabel("ms from the level crossing")
