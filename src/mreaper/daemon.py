@@ -146,6 +146,7 @@ class CandidateCache:
         self._wake = threading.Event()
         self._stop = False
         self._lock = threading.Lock()
+        self._pids: set[int] = set()  # every pid /proc listed at the last scan
         self._thread = threading.Thread(target=self._loop, name="mreaper-scan", daemon=True)
         self._warned: set[str] = set()
 
@@ -165,6 +166,7 @@ class CandidateCache:
 
     def refresh(self) -> None:
         with self._lock:  # the loop and the scan thread may both ask
+            pids = set(procfs.list_pids(self.proc))
             candidates, warnings = policy.scan(self.proc)
             for w in warnings:
                 if w not in self._warned:
@@ -174,19 +176,39 @@ class CandidateCache:
             ranked = policy.rank(candidates, self.cfg.rules, sort_by=self.cfg.sort_by,
                                  min_rss=self.cfg.min_rss, cgroup_preferences=prefs)
             self._snapshot = (time.monotonic(), candidates, prefs, ranked)
+            self._pids = pids
 
     def peek(self) -> list[policy.Ranked]:
         """The cached machine-wide ranking as it is (no scan)."""
         return self._snapshot[3]
 
-    def get(self, max_age: float) -> tuple[list[policy.Candidate], dict[str, str],
-                                           list[policy.Ranked], float]:
-        """Candidates, cgroup preferences and the machine-wide ranking, younger than
-        max_age (scanning now if the cached one is older); and their age."""
+    def get(self) -> tuple[list[policy.Candidate], dict[str, str], list[policy.Ranked], float]:
+        """Candidates, cgroup preferences and the machine-wide ranking, for a decision
+        now; and the age of the scan behind them.
+
+        Never a full rescan on the kill path while a ranking exists (at 10,000
+        processes that is over a second): stale entries are harmless, since victims are
+        pinned by pid and start time and ranked again alone before any signal.  But a
+        process started since the scan (very often the leak itself) must not be missed:
+        the pids listed now that the scan did not see are looked at and ranked in."""
         at, candidates, prefs, ranked = self._snapshot
-        if time.monotonic() - at > max_age or not candidates:
+        if not candidates:
             self.refresh()
             at, candidates, prefs, ranked = self._snapshot
+            return candidates, prefs, ranked, time.monotonic() - at
+        new = set(procfs.list_pids(self.proc)) - self._pids
+        added = []
+        for pid in new:
+            try:
+                c = policy.snapshot(pid, self.proc)
+            except (procfs.ProcessGone, procfs.ParseError, OSError):
+                continue
+            if c is not None:
+                added.append(c)
+        if added:
+            candidates = candidates + added
+            ranked = policy.rank(candidates, self.cfg.rules, sort_by=self.cfg.sort_by,
+                                 min_rss=self.cfg.min_rss, cgroup_preferences=prefs)
         return candidates, prefs, ranked, time.monotonic() - at
 
     def _loop(self) -> None:
@@ -541,7 +563,7 @@ class Daemon:
 
     def _act(self, scope: Scope, verdict: Verdict, detected_at: float, pool: ReaperPool,
              cache: CandidateCache) -> None:
-        candidates, prefs, machine_ranked, age = cache.get(max_age=self.cfg.scan_interval)
+        candidates, prefs, machine_ranked, age = cache.get()
         if isinstance(scope, CgroupScope):
             ranked = policy.rank(candidates, self.cfg.rules, sort_by=self.cfg.sort_by,
                                  min_rss=self.cfg.min_rss, scope_cgroup=scope.cgroup_path,

@@ -118,3 +118,27 @@ def test_refuses_to_start_on_bad_config(tmp_path: Path) -> None:
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_a_leak_started_after_the_last_scan_is_seen(tmp_path: Path,
+                                                    memcgs: list[MemoryCgroup]) -> None:
+    """The background scan runs once (600 s interval, no warn level to hurry it) and
+    sees only a decoy; the leak starts after it.  The daemon must kill the leak (the
+    preferred process), not pick the decoy from its stale list."""
+    cfg = tmp_path / "mreaper.toml"
+    cfg.write_text("[detect]\nscan_interval = 600.0\n")
+    levels = _levels(400 * MiB)
+    levels[levels.index("--memory-warn") + 1] = "off"
+    memcgs += [MemoryCgroup.create(limit=512 * MiB), MemoryCgroup.create(limit=2 * GiB)]
+    decoy = Hog(200 * MiB, memcgs[0], name="mr-decoy")
+    daemon = DaemonProcess("--config", str(cfg), *levels, "--prefer", "^mr-late-leak$")
+    try:
+        time.sleep(1.0)  # the first (and only) scan is done
+        leak = Hog(1500 * MiB, memcgs[1], name="mr-late-leak", step=32 * MiB, interval=0.05)
+        assert leak.proc.wait(timeout=60) == -signal.SIGKILL
+        daemon.wait_for(rf"killed {leak.pid} 'mr-late-leak'")
+        assert decoy.proc.poll() is None
+        assert not any("mr-decoy" in line for line in daemon.lines)
+    finally:
+        assert daemon.stop() == 0
+        decoy.kill()
