@@ -10,6 +10,7 @@ from typing import Any
 
 from mreaper import __version__, cli_status, config
 from mreaper.cli_history import add_history_parser, cmd_history
+from mreaper.cliargs import seconds_between
 from mreaper.reap import (
     KillOptions,
     Victim,
@@ -21,16 +22,6 @@ from mreaper.reap import (
 
 EXIT_USAGE = 2      # bad arguments or a target we refuse: nothing was signalled
 EXIT_FORBIDDEN = 1  # permission denied: nothing was signalled
-
-
-def _nonnegative_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r}: allowed is 0 to 3600 seconds")
-    return value
 
 
 def _pid(text: str) -> int:
@@ -46,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("kill", help="kill one process through a pidfd and reap it at once")
     k.add_argument("pid", type=_pid, metavar="PID")
-    k.add_argument("--term-timeout", type=_nonnegative_seconds, default=0.0, metavar="S",
+    k.add_argument("--term-timeout", type=seconds_between(0, 3600), default=0.0, metavar="S",
                    help="send SIGTERM first and SIGKILL after S seconds (default: SIGKILL at once)")
     k.add_argument("--json", action="store_true", help="print the kill report as JSON")
     k.add_argument("--no-mrelease", action="store_true",

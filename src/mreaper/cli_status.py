@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 from mreaper import config as config_mod
 from mreaper import policy
+from mreaper.cliargs import seconds_between
 from mreaper.config import Config
 from mreaper.detect import assess, parse_pressure
 from mreaper.linux import procfs
@@ -48,16 +49,6 @@ LEAVE_SCREEN = "\x1b[?25h\x1b[?1049l"   # cursor shown, alternate screen off
 # --- the arguments -----------------------------------------------------------------------
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r}: allowed is 0.1 to 3600 seconds")
-    return value
-
-
 def add_status_parsers(subparsers: Any) -> None:
     """Add `status` and `top` to the `mreaper` command's subparsers."""
     s = subparsers.add_parser("status", help="show what the running daemon decides from "
@@ -71,10 +62,11 @@ def add_status_parsers(subparsers: Any) -> None:
         p.add_argument("--config", metavar="PATH",
                        help="configuration for the socket path and, when no daemon answers, "
                             f"the levels and rules (default {config_mod.DEFAULT_PATH}, if present)")
-        p.add_argument("--timeout", type=_positive_seconds, default=CLIENT_TIMEOUT, metavar="S",
+        p.add_argument("--timeout", type=seconds_between(0.1, 3600), default=CLIENT_TIMEOUT,
+                       metavar="S",
                        help=f"wait this long for the daemon's answer (default {CLIENT_TIMEOUT:g})")
     s.add_argument("--json", action="store_true", help="print the status as one JSON document")
-    t.add_argument("--interval", type=_positive_seconds, default=1.0, metavar="S",
+    t.add_argument("--interval", type=seconds_between(0.1, 3600), default=1.0, metavar="S",
                    help="seconds between refreshes (default 1)")
     t.add_argument("--once", action="store_true", help="print one frame and exit")
 
