@@ -73,10 +73,10 @@ def test_leak_killed_protected_and_avoided_survive(memcgs: list[MemoryCgroup]) -
 
 
 def test_dry_run_kills_nothing(memcgs: list[MemoryCgroup]) -> None:
-    memcgs.append(MemoryCgroup.create(limit=1200 * MiB))
+    memcgs.append(MemoryCgroup.create(limit=1700 * MiB))
     daemon = DaemonProcess(*_levels(300 * MiB), "--dry-run", "--prefer", "^mr-leak$")
     try:
-        leak = Hog(900 * MiB, memcgs[0], name="mr-leak", step=32 * MiB, interval=0.02)
+        leak = Hog(1500 * MiB, memcgs[0], name="mr-leak", step=32 * MiB, interval=0.02)
         daemon.wait_for(rf"dry run: would kill {leak.pid} 'mr-leak'")
         time.sleep(0.5)
         assert _alive(leak)
