@@ -719,9 +719,7 @@ def analyse(hogs: list[HogProc], plan: Plan, *, level: int, limit: int,
                  "kernel_oom_victims": sorted(victims_of_oom),
                  "kmsg": [line for line in kmsg if re.search(
                      r"Out of memory|Killed process|oom-kill|invoked oom-killer", line)][:20],
-                 "duration_s": round(t_end - t0, 3),
-                 "debug_rss": {h.name: [(round(t - t0, 3), v // MiB) for t, v in h.rss][:40]
-                               for h in hogs}}
+                 "duration_s": round(t_end - t0, 3)}
     # the time series, relative to t0
     scoped = plan.scope is not None
     ts = [s[0] - t0 for s in samples]

@@ -531,7 +531,8 @@ def plot(doc: Json, out_dir: Path) -> list[str]:
 
 
 def slim(results: list[Json]) -> list[Json]:
-    """Keep the time series of the first repetition only (for the plots)."""
+    """Keep the time series and the configuration text of the first repetition only (the
+    plots need the one; the other is the same in every repetition)."""
     first = min((r["rep"] for r in results), default=0)
     out = []
     for result in results:
@@ -539,6 +540,8 @@ def slim(results: list[Json]) -> list[Json]:
         r.pop("debug_rss", None)
         if r.get("rep") != first:
             r.pop("samples", None)
+            if "config" in r:
+                r["config"] = f"(as in repetition {first})"
         out.append(r)
     return out
 
