@@ -20,10 +20,15 @@ pytestmark = pytest.mark.skipif(SLEEP is None, reason="no sleep binary")
 
 
 def _wait_exec(procs: list[subprocess.Popen[bytes]], name: str, timeout: float = 10.0) -> None:
-    """Wait until every child has exec'd (its comm is `name`, not the forking parent's)."""
+    """Wait until every child has finished exec'ing `name`.
+
+    The comm alone is not enough: execve sets it in begin_new_exec(), before
+    create_elf_tables() sets mm->arg_start, so for a moment the new program
+    has its name but an empty /proc/<pid>/cmdline (CI saw exactly that).
+    """
     deadline = time.monotonic() + timeout
     for p in procs:
-        while procfs.read_stat(p.pid).comm != name:
+        while procfs.read_stat(p.pid).comm != name or not procfs.read_cmdline(p.pid):
             assert time.monotonic() < deadline, f"{p.pid} did not exec {name}"
             time.sleep(0.001)
 
