@@ -4,6 +4,7 @@ files that are not pressure files (fallback, averages, events)."""
 
 from __future__ import annotations
 
+import math
 import os
 import select
 from pathlib import Path
@@ -321,23 +322,46 @@ def test_next_interval_monotone_in_headroom(setup: tuple[Config, MemInfo], rate:
 
 
 def test_fall_rate() -> None:
-    f = FallRate()
+    f = FallRate(tau=1.0)
     assert f.update(0.0, 1000) == 0.0          # nothing to compare with yet
-    assert f.update(1.0, 900) == 50.0          # fell 100 in 1 s, alpha 0.5
-    assert f.update(2.0, 800) == 75.0          # 0.5 * 100 + 0.5 * 50
-    assert f.update(3.0, 5000) == 37.5         # rising counts as 0
-    assert f.update(3.0, 0) == 37.5            # no time passed: no sample
-    assert f.update(3.5, 0) == 18.75
-    g = FallRate(alpha=1.0)
-    g.update(10.0, 10 * GiB)
-    assert g.update(10.5, 9 * GiB) == 2.0 * GiB  # the last sample exactly
+    w = 1 - math.exp(-1.0)                     # a sample 1 s after the last, tau 1 s
+    assert f.update(1.0, 900) == pytest.approx(100 * w)
+    assert f.update(2.0, 800) == pytest.approx(100 * w + (100 * w) * (1 - w))
+    before = f.rate
+    assert f.update(3.0, 5000) == pytest.approx(before * (1 - w))  # rising counts as 0
+    assert f.update(3.0, 0) == pytest.approx(before * (1 - w))     # no time passed: no sample
+
+
+def test_fall_rate_converges_to_a_steady_fall() -> None:
+    f = FallRate(tau=0.25)
+    for i in range(200):                       # 80 MiB/s, looked at every 10 ms
+        f.update(i * 0.01, 10 * GiB - int(i * 0.8 * MiB))
+    assert f.rate == pytest.approx(80 * MiB, rel=1e-3)  # 8 tau in: exp(-8) left
+
+
+def test_fall_rate_does_not_depend_on_how_close_two_looks_were() -> None:
+    """The CI failure this replaced: one 4 MiB step seen 4.5 ms after the previous look
+    read as ~888 MiB/s.  Now a step of X adds about X/tau whatever the spacing."""
+    rates = []
+    for dt in (0.0045, 0.01, 0.05):
+        f = FallRate(tau=0.25)
+        f.update(0.0, 1 * GiB)
+        rates.append(f.update(dt, 1 * GiB - 4 * MiB))
+    for r in rates:
+        assert 14 * MiB < r <= 16 * MiB        # 4 MiB / 0.25 s = 16 MiB/s at most
+
+
+def test_fall_rate_refuses_a_non_positive_tau() -> None:
+    for tau in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="tau must be > 0"):
+            FallRate(tau)
 
 
 @given(st.lists(st.tuples(st.floats(min_value=0.0, max_value=1e6),
                           st.integers(min_value=0, max_value=1 << 45)), max_size=50),
-       st.floats(min_value=0.01, max_value=1.0))
-def test_fall_rate_never_negative(samples: list[tuple[float, int]], alpha: float) -> None:
-    f = FallRate(alpha)
+       st.floats(min_value=0.001, max_value=10.0))
+def test_fall_rate_never_negative(samples: list[tuple[float, int]], tau: float) -> None:
+    f = FallRate(tau)
     for now, available in sorted(samples):
         assert f.update(now, available) >= 0.0
 

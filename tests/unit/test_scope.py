@@ -386,6 +386,9 @@ def test_cgroup_scope_interval_clamped_to_poll_max_with_plenty_of_room(
 def test_cgroup_scope_interval_faster_when_headroom_falls_fast(work: tuple[Path, Path]) -> None:
     u, d = work
     slow, fast = make_scope(u, d, poll_min=0.0001), make_scope(u, d, poll_min=0.0001)
+    # A short time constant: with the default (0.25 s) no fall within a 1000 MiB limit
+    # can raise the averaged rate above the 4 GiB/s assumed burst rate.
+    fast.fall.tau = 0.005
     write_memory(d, current=LIMIT - 900 * MiB, mx=LIMIT, events=EVENTS0)
     slow.look(0.0)
     fast.look(0.0)
