@@ -326,9 +326,12 @@ def _squeezed(machine: Batch) -> Scenario:
     """Scenario f, once the squeeze is shown to have been real."""
     sc = machine.get("own_pressure")
     own = sc["own"]
-    # The squeeze was real: the daemon's cgroup went over memory.high (its pages are
-    # mlocked: reclaim cannot take them, the kernel throttles it instead).
-    assert own["events_after"]["high"] > own["events_before"]["high"], own
+    # The squeeze was real: the daemon's cgroup went over memory.high once it was set
+    # (its pages are mlocked: reclaim cannot take them, the kernel throttles it
+    # instead), and stayed over it, so that any page it touched was throttled.
+    assert own["events_after"]["high"] > own["events_unsqueezed"]["high"], own
+    assert own["current_after_idle"] > own["high"], own
+    assert own["current_end"] > own["high"], own
     assert own["stat_after"]["unevictable"] > 0.8 * own["stat_after"]["anon"], own
     return sc
 
