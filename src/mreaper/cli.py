@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(cfg.log, args.verbose)
     sink, hooks = build_sink(cfg)
     daemon = Daemon(cfg, reload=lambda: load_config(args), sink=sink,
-                    before_kill=hooks.before_kill if hooks else None)
+                    before_kill=hooks.before_kill if hooks and hooks.pre_kill else None)
     return daemon.run()
 
 

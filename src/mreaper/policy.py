@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mreaper import reap
@@ -329,7 +329,8 @@ def explain_table(ranked: Sequence[Ranked], limit: int | None = 20) -> str:
 # --- the scan: the only I/O ----------------------------------------------------------------
 
 
-def scan(proc: str = procfs.PROC) -> tuple[list[Candidate], list[str]]:
+def scan(proc: str = procfs.PROC, *, between: Callable[[], None] | None = None
+         ) -> tuple[list[Candidate], list[str]]:
     """Snapshot every process under `proc` that may ever be a victim.
 
     Skipped silently, as they are never candidates: what `reap.refusal` refuses (PID 1,
@@ -343,10 +344,15 @@ def scan(proc: str = procfs.PROC) -> tuple[list[Candidate], list[str]]:
     of one process are read one after the other, not atomically; the victim is pinned
     later by pid and starttime (reap.Victim.open), so a PID reused mid-scan can at worst
     mis-rank once, never get the wrong process killed.
+
+    `between` is called before each process: the daemon's background scan parks there
+    while the loop decides on a kill (see daemon.CandidateCache.hold).
     """
     candidates: list[Candidate] = []
     warnings: list[str] = []
     for pid in sorted(procfs.list_pids(proc)):
+        if between is not None:
+            between()
         try:
             candidate = snapshot(pid, proc)
         except procfs.ProcessGone:
@@ -380,6 +386,21 @@ def snapshot(pid: int, proc: str = procfs.PROC) -> Candidate | None:
                      cmdline=cmdline, exe=_read_exe(pid, proc), uid=status.uid, cgroup=cgroup,
                      rss=status.vm_rss, swap=status.vm_swap, oom_score=oom_score,
                      oom_score_adj=oom_score_adj)
+
+
+def candidate_of(victim: reap.Victim, proc: str = procfs.PROC) -> Candidate | None:
+    """The pinned victim as a Candidate, from what Victim.open read right after
+    pinning (only the exe link is read here): the same judgement as snapshot(), for
+    ranking the victim again alone before it is signalled."""
+    stat, status = victim.stat, victim.status
+    if stat.state in ("Z", "X") or not status.has_mm:
+        return None
+    if reap.refusal(stat, status.tgid) is not None:
+        return None
+    return Candidate(pid=victim.pid, starttime=victim.starttime, name=victim.name,
+                     cmdline=victim.cmdline, exe=_read_exe(victim.pid, proc), uid=victim.uid,
+                     cgroup=victim.cgroups.unified, rss=status.vm_rss, swap=status.vm_swap,
+                     oom_score=victim.oom_score, oom_score_adj=victim.oom_score_adj)
 
 
 def _read_exe(pid: int, proc: str) -> str:

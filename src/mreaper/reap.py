@@ -94,8 +94,13 @@ class Victim:
 
     def __init__(self, *, pid: int, pidfd: int, stat: procfs.Stat, status: procfs.Status,
                  cmdline: tuple[str, ...], cgroups: procfs.CgroupMembership,
-                 charge_file: str | None) -> None:
+                 charge_file: str | None, oom_score: tuple[int, int] = (0, 0)) -> None:
         self.pid = pid
+        # As read right after pinning: the policy ranks the pinned process again from
+        # these, without reading /proc a second time on the kill path.
+        self.stat = stat
+        self.status = status
+        self.oom_score, self.oom_score_adj = oom_score
         self.pidfd = pidfd
         self.starttime = stat.starttime
         self.name = status.name or stat.comm
@@ -150,7 +155,7 @@ class Victim:
             reason = refusal(after, status.tgid)
             if reason:
                 raise VictimRefused(f"refusing PID {pid} ({status.name}): {reason}")
-            _, adj = procfs.read_oom_score(pid, proc)
+            score, adj = procfs.read_oom_score(pid, proc)
             if adj <= OOM_SCORE_ADJ_MIN:
                 raise VictimRefused(f"refusing PID {pid} ({status.name}): its oom_score_adj is "
                                     f"{adj}, the kernel's mark for a process never to kill")
@@ -174,7 +179,7 @@ class Victim:
                 mounts = cgroup.find_mounts()
         charge = cgroup.memory_charge_file(groups, mounts) if mounts else None
         return cls(pid=pid, pidfd=pidfd, stat=after, status=status, cmdline=cmdline,
-                   cgroups=groups, charge_file=charge)
+                   cgroups=groups, charge_file=charge, oom_score=(score, adj))
 
     def close(self) -> None:
         if not self._closed:
@@ -379,23 +384,65 @@ def _demote(victim: Victim, proc: str = procfs.PROC) -> bool:
     return done
 
 
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A SIGKILL the caller already sent with send_sigkill(), and what stood before it."""
+    at: float                    # monotonic time of the pidfd_send_signal
+    delivered: bool              # False: the victim had exited already (ESRCH)
+    charge_before: int | None    # the victim's memcg charge just before
+    avail_before: int | None     # MemAvailable just before
+    demoted: bool
+
+
+def send_sigkill(victim: Victim, options: KillOptions = KillOptions(), *,
+                 syscalls: Syscalls | None = None,
+                 meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo) -> Sent:
+    """SIGKILL a pinned victim now, from the caller's thread; kill_and_reap(sent=...)
+    then reaps it and measures, in a reaper thread.
+
+    The daemon decides in its loop thread; handing the signal to a reaper thread cost
+    1-2 ms on the host (the worker must wake and take the GIL) and tens of ms in the
+    emulated lab VM, while the leak kept growing.  The figures the report compares
+    with are read first, as kill_and_reap does before its own signal."""
+    sc = syscalls or LinuxSyscalls()
+    charge_before = cgroup.read_charge(victim.charge_file) if victim.charge_file else None
+    avail_before = _mem_available(meminfo) if charge_before is None else None
+    demoted = _demote(victim) if options.demote else False
+    try:
+        sc.pidfd_send_signal(victim.pidfd, signal.SIGKILL)
+        delivered = True
+    except ProcessLookupError:
+        delivered = False
+    return Sent(time.monotonic(), delivered, charge_before, avail_before, demoted)
+
+
 def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reason: str = "",
                   syscalls: Syscalls | None = None, escalation: Escalation | None = None,
                   meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo,
-                  on_released: Callable[[], None] | None = None) -> KillReport:
+                  on_released: Callable[[], None] | None = None,
+                  sent: Sent | None = None) -> KillReport:
     """Run the kill sequence on a pinned victim and measure what came back.
 
     `on_released` is called as soon as the memory is known to be back (process_mrelease
     reaped it), before the wait for the exit: a victim stuck in D state may take long
-    to exit, and the caller need not wait for that to act again."""
+    to exit, and the caller need not wait for that to act again.  `sent`: the caller
+    already sent SIGKILL with send_sigkill(); the sequence goes on from there."""
     sc = syscalls or LinuxSyscalls()
     notes: list[str] = []
     signals: list[SignalSent] = []
-    charge_before = cgroup.read_charge(victim.charge_file) if victim.charge_file else None
-    avail_before = _mem_available(meminfo)
-    wall = time.time()
-    t0 = time.monotonic()
     exit_at: float | None = None
+    if sent is not None:
+        if options.term_timeout > 0 or options.killed_by:
+            raise ValueError("kill_and_reap: `sent` is a SIGKILL already sent; it excludes "
+                             "a SIGTERM stage (term_timeout) and killed_by")
+        charge_before, avail_before = sent.charge_before, sent.avail_before
+        t0 = sent.at
+        wall = time.time() - (time.monotonic() - sent.at)
+    else:
+        charge_before = cgroup.read_charge(victim.charge_file) if victim.charge_file else None
+        avail_before = _mem_available(meminfo)
+        wall = time.time()
+        t0 = time.monotonic()
 
     def send(sig: signal.Signals) -> bool:
         try:
@@ -420,7 +467,15 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
     kill_at: float | None = None
     outcome, err_name, attempts, mrelease_s, free_at = Mrelease.NOT_CALLED, "", 0, None, None
     demoted = False
-    if options.killed_by:
+    if sent is not None:
+        demoted = sent.demoted
+        if sent.delivered:
+            signals.append(SignalSent("SIGKILL", 0.0))
+            kill_at = t0
+        else:
+            notes.append("SIGKILL: already exited")
+            exit_at = t0
+    elif options.killed_by:
         signals.append(SignalSent(options.killed_by, 0.0))
         kill_at = t0
     elif exit_at is None:
@@ -667,14 +722,16 @@ class ReaperPool:
 
     def submit(self, victim: Victim, options: KillOptions = KillOptions(), *, reason: str = "",
                escalation: Escalation | None = None,
-               on_released: Callable[[], None] | None = None) -> Future[KillReport]:
-        """Hand over a pinned victim; the pool owns its pidfd from now on and closes it."""
+               on_released: Callable[[], None] | None = None,
+               sent: Sent | None = None) -> Future[KillReport]:
+        """Hand over a pinned victim; the pool owns its pidfd from now on and closes it.
+        `sent`: SIGKILL was already sent (send_sigkill); no pre-kill step runs then."""
         with self._lock:
             if self._closed:
                 victim.close()
                 raise RuntimeError("reaper pool is shut down")
-            return self._pool.submit(self._run, victim, options, reason, escalation,
-                                     on_released)
+            return self._pool.submit(self._run, victim, options, reason=reason,
+                                     escalation=escalation, on_released=on_released, sent=sent)
 
     def submit_group(self, cgroup_dir: str, victims: list[Victim],
                      options: KillOptions = KillOptions(), *, reason: str = "",
@@ -697,18 +754,18 @@ class ReaperPool:
             for v in victims:
                 v.close()
 
-    def _run(self, victim: Victim, options: KillOptions, reason: str,
-             escalation: Escalation | None,
-             on_released: Callable[[], None] | None = None) -> KillReport:
+    def _run(self, victim: Victim, options: KillOptions, *, reason: str,
+             escalation: Escalation | None, on_released: Callable[[], None] | None,
+             sent: Sent | None) -> KillReport:
         try:
-            if self._before_kill is not None:
+            if self._before_kill is not None and sent is None:
                 try:
                     self._before_kill(victim, reason)
                 except Exception:
                     logging.getLogger("mreaper").exception("before-kill step failed; killing "
                                                            "anyway")
             return kill_and_reap(victim, options, reason=reason, syscalls=self._syscalls,
-                                 escalation=escalation, on_released=on_released)
+                                 escalation=escalation, on_released=on_released, sent=sent)
         finally:
             victim.close()
 

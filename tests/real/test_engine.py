@@ -39,6 +39,7 @@ from mreaper.reap import (
     VictimRecycled,
     VictimRefused,
     kill_and_reap,
+    send_sigkill,
 )
 
 MiB = hogs.MiB
@@ -384,6 +385,64 @@ def test_demote_makes_the_victim_sched_idle_before_sigkill(memcg: hogs.MemoryCgr
 
 
 # --- PID reuse --------------------------------------------------------------------------------
+
+
+def test_sigkill_sent_by_the_caller_then_reaped_in_another_thread(
+        memcg: hogs.MemoryCgroup, hog_factory: object) -> None:
+    """send_sigkill() in this thread, kill_and_reap(sent=...) in another, as the daemon
+    does: one SIGKILL (from this thread), process_mrelease after it (from the other),
+    and the memory measured against the charge read before the signal."""
+    size = 128 * MiB
+    hog = hog_factory(size, memcg)  # type: ignore[operator]
+    rec = RecordingSyscalls()
+    before = memcg.usage()
+    reports: list[KillReport] = []
+    with Victim.open(hog.pid, syscalls=rec) as v:
+        sent = send_sigkill(v, syscalls=rec)
+        assert sent.delivered and sent.charge_before is not None
+        assert sent.charge_before >= size
+        t = threading.Thread(target=lambda: reports.append(
+            kill_and_reap(v, reason="test", syscalls=rec, sent=sent)))
+        t.start()
+        t.join(timeout=60)
+    (report,) = reports
+    kills = [c for c in rec.calls if c.name == "pidfd_send_signal" and c.args[1] != 0]
+    assert [(c.args[1], c.thread) for c in kills] == [(signal.SIGKILL, threading.get_ident())]
+    reaps = [c for c in rec.calls if c.name == "process_mrelease"]
+    assert len(reaps) == 1 and reaps[0].thread != threading.get_ident()
+    assert rec.calls.index(reaps[0]) > rec.calls.index(kills[0])
+    assert [s.name for s in report.signals] == ["SIGKILL"]
+    assert report.mrelease in REAPED_OR_EXITED
+    assert report.exited and report.kill_to_free_s is not None
+    assert report.wall_time <= time.time()
+    assert_memory_back(report, memcg, before, size)
+    assert hog.proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_sigkill_sent_to_a_victim_that_already_exited(spawn: object) -> None:
+    """The victim died between pinning and the signal: ESRCH, nothing reaped, and the
+    report says it had already exited."""
+    proc = spawn()  # type: ignore[operator]
+    v = Victim.open(proc.pid)
+    try:
+        proc.kill()  # someone else kills it, and it is reaped: the pidfd answers ESRCH
+        proc.wait(timeout=10)
+        sent = send_sigkill(v)
+        assert not sent.delivered
+        report = kill_and_reap(v, sent=sent)
+    finally:
+        v.close()
+    assert report.signals == () and report.mrelease is Mrelease.NOT_CALLED
+    assert report.exited and "SIGKILL: already exited" in report.notes
+
+
+def test_sent_excludes_a_sigterm_stage(memcg: hogs.MemoryCgroup, hog_factory: object) -> None:
+    hog = hog_factory(16 * MiB, memcg)  # type: ignore[operator]
+    with Victim.open(hog.pid) as v:
+        sent = send_sigkill(v)
+        with pytest.raises(ValueError, match="excludes a SIGTERM stage"):
+            kill_and_reap(v, KillOptions(term_timeout=5.0), sent=sent)
+    assert hog.proc.wait(timeout=30) == -signal.SIGKILL
 
 
 @pytest.fixture

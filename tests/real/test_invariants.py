@@ -94,6 +94,7 @@ class SysCall:
     sig: int | None = None
     errno: int | None = None
     members: tuple[int, ...] = ()  # cgroup.kill: the cgroup's processes at the kill
+    thread: str = field(default_factory=lambda: threading.current_thread().name)
 
 
 class GuardedSyscalls:
@@ -1043,6 +1044,40 @@ def test_daemon_calls_process_mrelease_only_after_its_own_sigkill(
     assert [s.name for s in term_report.signals] == ["SIGTERM"], term_report
     assert term_report.mrelease is Mrelease.NOT_CALLED, term_report
     assert [c for c in guard.calls if c.name == "process_mrelease"], "no process_mrelease"
+    assert mrelease_without_our_kill(guard.calls) == []
+
+
+def test_daemon_sends_sigkill_from_its_loop_and_reaps_in_a_reaper_thread(
+        memcgs: list[MemoryCgroup]) -> None:
+    """Straight to SIGKILL (no SIGTERM stage, no pre-kill hook): the signal goes out
+    from the loop that decided, with no hand-over to a reaper thread on the clock; the
+    reaper thread then calls process_mrelease, after that SIGKILL."""
+    memcgs.append(MemoryCgroup.create(limit=2 * GiB))
+    guard = GuardedSyscalls(owned_by_test(os.getpid()))
+    base = procfs.read_meminfo().mem_available
+    cfg = daemon_config(available=base, headroom=300 * MiB)
+    leaks: list[Leak] = []
+
+    def scenario(s: Scenario) -> None:
+        leak = Leak(memcgs[0], "straight")
+        leaks.append(leak)
+        leak.grow(600 * MiB)
+        assert s.killed(leak) == -signal.SIGKILL
+        s.reported(1)
+
+    try:
+        run = run_daemon(cfg, scenario, syscalls=guard, meminfo=own_pressure(memcgs, base))
+    finally:
+        for leak in leaks:
+            leak.kill()
+    assert run.crash is None, run.crash_text()
+    assert guard.violations == []
+    (report,) = run.daemon.kills
+    assert [s.name for s in report.signals] == ["SIGKILL"], report
+    kills = [c for c in guard.calls if c.name == "pidfd_send_signal" and c.sig]
+    assert [(c.sig, c.thread) for c in kills] == [(signal.SIGKILL, "MainThread")], kills
+    reaps = [c for c in guard.calls if c.name == "process_mrelease"]
+    assert reaps and all(c.thread.startswith("mreaper-reaper") for c in reaps), reaps
     assert mrelease_without_our_kill(guard.calls) == []
 
 

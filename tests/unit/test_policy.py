@@ -512,3 +512,65 @@ def test_scan_warns_on_unreadable_file(tmp_path: Path) -> None:
     found, warnings = scan_tree(tmp_path)
     assert found == {}
     assert warnings == [f"PID {BASE} skipped: {tmp_path}/{BASE}/cgroup: Is a directory"]
+
+
+# --- the pause point, and the daemon's candidate cache parked on it ------------------------
+
+
+def test_scan_calls_between_before_each_process(tmp_path: Path) -> None:
+    for i in range(5):
+        write_proc(tmp_path, BASE + i, starttime=100 + i)
+    (tmp_path / "self").symlink_to(str(BASE))
+    seen: list[int] = []
+    candidates, _ = policy.scan(str(tmp_path), between=lambda: seen.append(len(seen)))
+    assert len(seen) == 5 and len(candidates) == 5
+
+
+def test_candidate_cache_scan_parks_while_the_loop_holds_it(tmp_path: Path) -> None:
+    """While the loop decides (hold), the background scan stops at its next process and
+    goes on only once the decision is made; the loop's own refresh is never parked."""
+    import threading
+
+    from mreaper.config import Config
+    from mreaper.daemon import CandidateCache
+
+    for i in range(3):
+        write_proc(tmp_path, BASE + i, starttime=100 + i)
+    (tmp_path / "self").symlink_to(str(BASE))
+    cache = CandidateCache(Config(), "", proc=str(tmp_path))
+    done = threading.Event()
+
+    def background() -> None:
+        cache.refresh(between=cache._wait_clear)
+        done.set()
+
+    with cache.hold():
+        t = threading.Thread(target=background, daemon=True)
+        t.start()
+        assert not done.wait(0.3), "the scan ran on while the loop held it"
+        cache.refresh()  # the loop's own scan, in the hold: not parked
+        assert len(cache.peek()) == 3
+    assert done.wait(10), "the scan stayed parked after the hold ended"
+    t.join(10)
+
+
+def test_candidate_cache_scan_parks_while_a_victim_dies(tmp_path: Path) -> None:
+    import threading
+
+    from mreaper.config import Config
+    from mreaper.daemon import CandidateCache
+
+    write_proc(tmp_path, BASE, starttime=100)
+    (tmp_path / "self").symlink_to(str(BASE))
+    cache = CandidateCache(Config(), "", proc=str(tmp_path))
+    cache.park(True)
+    with cache.hold():
+        pass  # the end of a decision does not unpark a scan parked for a dying victim
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (cache.refresh(between=cache._wait_clear),
+                                         done.set()), daemon=True)
+    t.start()
+    assert not done.wait(0.3), "the scan ran while a victim was dying"
+    cache.park(False)
+    assert done.wait(10)
+    t.join(10)
