@@ -369,6 +369,11 @@ class Config:
         "term": None,
         "kill": PsiTrigger("full", 800_000, 2_000_000),
     })
+    # PSI counts on the machine scope only while MemAvailable is at or below this.  The
+    # kernel charges the stall of a cgroup reclaiming at its own memory.max to every
+    # ancestor, up to /proc/pressure/memory: one container at its limit would otherwise
+    # make the machine scope kill the biggest process of the machine, an innocent one.
+    psi_gate: Level = field(default_factory=lambda: Level((Threshold(percent=20.0),)))
     # [kill]
     term_timeout: float = 5.0
     sort_by: SortBy = SortBy.OOM_SCORE
@@ -511,13 +516,15 @@ def apply(base: Config, data: Mapping[str, Any], origin: str, *, rule_start: int
                     levels[lvl] = parse_level(s[lvl], origin, f"{section}.{lvl}")
             changes[section] = levels
     p = _table(origin, data, "psi")
-    _unknown(origin, "psi", p, LEVELS)
-    if p:
+    _unknown(origin, "psi", p, (*LEVELS, "gate"))
+    if any(lvl in p for lvl in LEVELS):
         triggers = dict(base.psi)
         for lvl in LEVELS:
             if lvl in p:
                 triggers[lvl] = parse_psi(p[lvl], origin, f"psi.{lvl}")
         changes["psi"] = triggers
+    if "gate" in p:
+        changes["psi_gate"] = parse_level(p["gate"], origin, "psi.gate")
 
     k = _table(origin, data, "kill")
     _unknown(origin, "kill", k, _KILL_KEYS)
@@ -867,6 +874,7 @@ def to_toml(cfg: Config) -> str:
     for lvl in LEVELS:
         trig = cfg.psi[lvl]
         line(lvl, str(trig) if trig else "off")
+    line("gate", cfg.psi_gate.to_toml())
     out += ["", "[kill]"]
     line("term_timeout", cfg.term_timeout)
     line("sort_by", cfg.sort_by.value)

@@ -888,6 +888,8 @@ def describe(cfg: Config) -> str:
         return "/".join(lv[x].describe() for x in config_mod.LEVELS)
 
     psi = "/".join(str(cfg.psi[x]) if cfg.psi[x] else "off" for x in config_mod.LEVELS)
+    if any(cfg.psi.values()):
+        psi += f" (gate: MemAvailable <= {cfg.psi_gate.describe()})"
     return (f"when {config_mod.format_when(cfg.when)}; memory warn/term/kill {levels('memory')}; "
             f"swap {levels('swap')}; psi {psi}; {len(cfg.rules)} rules; "
             f"{cfg.reapers} reapers")

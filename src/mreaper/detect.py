@@ -45,9 +45,10 @@ def source_states(cfg: Config, mem: MemInfo, psi_active: Mapping[str, bool],
                   level: str) -> dict[str, Held]:
     """For one level: whether each source holds, and why, in words.
 
-    A level that is off never holds.  With no swap configured (SwapTotal 0) the swap
-    source is neutral: there is nothing to fall back on, so it must not veto a kill
-    ("memory & swap"), and it must not make one on its own ("swap", "any") either."""
+    A level that is off never holds; PSI does not hold while MemAvailable is above
+    psi.gate.  With no swap configured (SwapTotal 0) the swap source is neutral: there
+    is nothing to fall back on, so it must not veto a kill ("memory & swap"), and it
+    must not make one on its own ("swap", "any") either."""
     out: dict[str, Held] = {}
     out["memory"] = _level_state("MemAvailable", mem.mem_available, mem.mem_total,
                                  cfg.memory[level])
@@ -56,8 +57,13 @@ def source_states(cfg: Config, mem: MemInfo, psi_active: Mapping[str, bool],
     else:
         out["swap"] = _level_state("SwapFree", mem.swap_free, mem.swap_total, cfg.swap[level])
     trig = cfg.psi[level]
+    gate = cfg.psi_gate.bytes_of(mem.mem_total)
     if trig is None:
         out["psi"] = (False, "psi off")
+    elif gate is not None and mem.mem_available > gate and psi_active.get(level, False):
+        # A stall while the machine has plenty is some cgroup's at its own limit.
+        out["psi"] = (False, f"PSI {trig} ignored: MemAvailable {_mib(mem.mem_available)} "
+                             f"> gate {_mib(gate)}")
     else:
         out["psi"] = (psi_active.get(level, False), f"PSI {trig}")
     return out
@@ -145,6 +151,9 @@ def interval_for(room: int, fall_rate: float, poll_min: float, poll_max: float) 
 ASSUMED_FILL_RATE = 4.0 * (1 << 30)  # bytes/s
 
 
+MIN_DT = 1e-6  # seconds: looks closer than this are one look (and no division by ~0)
+
+
 class FallRate:
     """Rate at which MemAvailable (or a cgroup's headroom) falls, in bytes/s, >= 0.
 
@@ -167,10 +176,11 @@ class FallRate:
         if self._last is not None:
             t, a = self._last
             dt = now - t
-            if dt > 0:
-                sample = max((a - available) / dt, 0.0)
-                weight = -math.expm1(-dt / self.tau)  # 1 - exp(-dt/tau), exact for tiny dt
-                self.rate += weight * (sample - self.rate)
+            if dt < MIN_DT:
+                return self.rate  # no time to speak of: keep the earlier look as the base
+            sample = max((a - available) / dt, 0.0)
+            weight = -math.expm1(-dt / self.tau)  # 1 - exp(-dt/tau), exact for small dt
+            self.rate += weight * (sample - self.rate)
         self._last = (now, available)
         return self.rate
 

@@ -469,7 +469,7 @@ BAD: list[tuple[str, str, str]] = [
     ("memory-unknown", '[memory]\nmin = "5%"\n', f"memory.min = '5%': {KNOWN_LEVELS}"),
     ("swap-unknown", '[swap]\ncrit = "1%"\n', f"swap.crit = '1%': {KNOWN_LEVELS}"),
     ("psi-unknown", '[psi]\nsome = "some 1 1000000"\n',
-     f"psi.some = 'some 1 1000000': {KNOWN_LEVELS}"),
+     f"psi.some = 'some 1 1000000': {KNOWN_LEVELS}, gate"),
     ("kill-unknown", "[kill]\nsignal = 9\n", f"kill.signal = 9: {KNOWN_KILL}"),
     ("rule-unknown", '[[rule]]\naction = "avoid"\nname = "x"\nregex = "y"\n',
      f"rule[1].regex = 'y': {KNOWN_RULE}"),

@@ -148,7 +148,8 @@ def test_swap_boundary() -> None:
 
 
 def test_psi_only() -> None:
-    cfg = cfg_of(detect={"when": "psi"})  # defaults: warn some 150000, term off, kill full
+    # PSI's own triggers (warn some 150000, term off, kill full); no gate: test_psi_gate
+    cfg = cfg_of(detect={"when": "psi"}, psi={"gate": "off"})
     calm = mem(16 * GiB)
     starved = mem(0)
     assert assess(cfg, starved, {}).severity is Severity.NONE  # memory alone does nothing
@@ -161,9 +162,30 @@ def test_psi_only() -> None:
     # a level whose trigger is off never holds, whatever the flags say
     assert source_states(cfg, calm, {"term": True}, "term")["psi"] == (False, "psi off")
     assert assess(cfg, calm, {"term": True}).severity is Severity.NONE
-    with_term = cfg_of(detect={"when": "psi"}, psi={"term": "some 300000 1000000"})
+    with_term = cfg_of(detect={"when": "psi"}, psi={"term": "some 300000 1000000",
+                                                   "gate": "off"})
     assert assess(with_term, calm, {"term": True}) == Verdict(
         Severity.TERM, "term: PSI some 300000 1000000")
+
+
+def test_psi_gate() -> None:
+    """Machine PSI counts only with MemAvailable at or below psi.gate (default 20 %):
+    a cgroup stalling at its own memory.max stalls /proc/pressure/memory too."""
+    cfg = cfg_of(detect={"when": "psi"})
+    assert cfg.psi_gate.bytes_of(16 * GiB) == int(16 * GiB * 0.2)
+    plenty, short = mem(8 * GiB), mem(3 * GiB)
+    assert assess(cfg, plenty, {"kill": True}).severity is Severity.NONE
+    assert source_states(cfg, plenty, {"kill": True}, "kill")["psi"] == (
+        False, "PSI full 400000 1000000 ignored: MemAvailable 8192 MiB > gate 3277 MiB")
+    assert assess(cfg, short, {"kill": True}) == Verdict(Severity.KILL,
+                                                         "kill: PSI full 400000 1000000")
+    at_gate = mem(int(16 * GiB * 0.2))
+    assert assess(cfg, at_gate, {"kill": True}).severity is Severity.KILL
+    # the gate never makes PSI hold, and says nothing when PSI is calm
+    assert source_states(cfg, plenty, {}, "kill")["psi"] == (False, "PSI full 400000 1000000")
+    sized = cfg_of(detect={"when": "psi"}, psi={"gate": "1G"})
+    assert assess(sized, mem(GiB + 1), {"kill": True}).severity is Severity.NONE
+    assert assess(sized, mem(GiB), {"kill": True}).severity is Severity.KILL
 
 
 def test_memory_only_ignores_psi_and_swap() -> None:
