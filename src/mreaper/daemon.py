@@ -467,7 +467,8 @@ class Daemon:
                 for scope in self.scopes.values():
                     if scope.last is not None:
                         self.sink.sample(scope.sample())
-                self.notify.status(status_mod.summary(self.status(top=1)))
+                if self.notify.enabled:  # the summary costs a status() for nothing else
+                    self.notify.status(status_mod.summary(self.status(top=1)))
                 self._lift_own_high()
             self.notify.watchdog_due(now)
             self._wait(min(self._timeout(scope) for scope in self.scopes.values()))
