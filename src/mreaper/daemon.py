@@ -368,6 +368,9 @@ class Daemon:
             cache.stop()
             pool.shutdown(wait=True)
             for scope in self.scopes.values():
+                # A kill under way when the stop came (its SIGKILL went out from this
+                # loop) is reported all the same: no victim without its "killed" line.
+                self._collect(scope)
                 scope.close()
             self.sink.close()
             signal.set_wakeup_fd(-1)

@@ -1081,6 +1081,44 @@ def test_daemon_sends_sigkill_from_its_loop_and_reaps_in_a_reaper_thread(
     assert mrelease_without_our_kill(guard.calls) == []
 
 
+class SlowReaper(GuardedSyscalls):
+    """process_mrelease that first sleeps: the kill report comes late."""
+
+    def process_mrelease(self, pidfd: int, flags: int = 0) -> None:
+        time.sleep(0.5)
+        super().process_mrelease(pidfd, flags)
+
+
+def test_a_kill_under_way_when_the_daemon_stops_is_still_reported(
+        memcgs: list[MemoryCgroup]) -> None:
+    """The daemon is told to stop right after its SIGKILL, while the reaper thread is
+    still at work: it waits for that kill and reports it before it exits."""
+    memcgs.append(MemoryCgroup.create(limit=2 * GiB))
+    guard = SlowReaper(owned_by_test(os.getpid()))
+    base = procfs.read_meminfo().mem_available
+    cfg = daemon_config(available=base, headroom=300 * MiB)
+    leaks: list[Leak] = []
+
+    def scenario(s: Scenario) -> None:
+        leak = Leak(memcgs[0], "late")
+        leaks.append(leak)
+        leak.grow(600 * MiB)
+        s.wait(lambda: any(c.name == "pidfd_send_signal" and c.sig == signal.SIGKILL
+                           for c in guard.calls), 30, "the SIGKILL")
+        assert s.daemon.kills == []  # the reaper is still asleep: nothing reported yet
+
+    try:
+        run = run_daemon(cfg, scenario, syscalls=guard, meminfo=own_pressure(memcgs, base))
+    finally:
+        for leak in leaks:
+            leak.kill()
+    assert run.crash is None, run.crash_text()
+    (report,) = run.daemon.kills
+    assert report.name == f"{PREFIX}-late"
+    killed = [line for line in run.log if " killed " in line]
+    assert len(killed) == 1 and run.log.index(killed[0]) < run.log.index("INFO stopped"), run.log
+
+
 def test_group_kill_calls_process_mrelease_only_after_cgroup_kill(
         memcgs: list[MemoryCgroup], monkeypatch: pytest.MonkeyPatch) -> None:
     """A cgroup killed whole: cgroup.kill, then process_mrelease on each pinned member."""
