@@ -452,6 +452,20 @@ class Leak:
         self.kill()
 
 
+def run_guarded(cfg: Config, scenario: Callable[[Scenario], None], guard: GuardedSyscalls,
+                meminfo: Callable[[], procfs.MemInfo], leaks: list[Leak]) -> DaemonRun:
+    """run_daemon behind `guard`; the scenario's `leaks` are killed afterwards, whatever
+    happened; the daemon must not have crashed nor tried to signal anything else."""
+    try:
+        run = run_daemon(cfg, scenario, syscalls=guard, meminfo=meminfo)
+    finally:
+        for leak in leaks:
+            leak.kill()
+    assert run.crash is None, run.crash_text()
+    assert guard.violations == []
+    return run
+
+
 def own_pressure(cgs: Collection[MemoryCgroup], base: int) -> Callable[[], procfs.MemInfo]:
     """/proc/meminfo with MemAvailable as `base` less what `cgs` hold: the daemon then
     feels only this test's leaks, and another user's allocation cannot make it act
@@ -1031,13 +1045,7 @@ def test_daemon_calls_process_mrelease_only_after_its_own_sigkill(
         assert s.killed(term) == -signal.SIGTERM
         s.reported(2)
 
-    try:
-        run = run_daemon(cfg, scenario, syscalls=guard, meminfo=own_pressure(memcgs, base))
-    finally:
-        for leak in leaks:
-            leak.kill()
-    assert run.crash is None, run.crash_text()
-    assert guard.violations == []
+    run = run_guarded(cfg, scenario, guard, own_pressure(memcgs, base), leaks)
     deaf_report, term_report = run.daemon.kills
     assert [s.name for s in deaf_report.signals] == ["SIGTERM", "SIGKILL"], deaf_report
     assert deaf_report.mrelease in (Mrelease.REAPED, Mrelease.EXITED_FIRST)
@@ -1065,13 +1073,7 @@ def test_daemon_sends_sigkill_from_its_loop_and_reaps_in_a_reaper_thread(
         assert s.killed(leak) == -signal.SIGKILL
         s.reported(1)
 
-    try:
-        run = run_daemon(cfg, scenario, syscalls=guard, meminfo=own_pressure(memcgs, base))
-    finally:
-        for leak in leaks:
-            leak.kill()
-    assert run.crash is None, run.crash_text()
-    assert guard.violations == []
+    run = run_guarded(cfg, scenario, guard, own_pressure(memcgs, base), leaks)
     (report,) = run.daemon.kills
     assert [s.name for s in report.signals] == ["SIGKILL"], report
     kills = [c for c in guard.calls if c.name == "pidfd_send_signal" and c.sig]
@@ -1107,12 +1109,7 @@ def test_a_kill_under_way_when_the_daemon_stops_is_still_reported(
                            for c in guard.calls), 30, "the SIGKILL")
         assert s.daemon.kills == []  # the reaper is still asleep: nothing reported yet
 
-    try:
-        run = run_daemon(cfg, scenario, syscalls=guard, meminfo=own_pressure(memcgs, base))
-    finally:
-        for leak in leaks:
-            leak.kill()
-    assert run.crash is None, run.crash_text()
+    run = run_guarded(cfg, scenario, guard, own_pressure(memcgs, base), leaks)
     (report,) = run.daemon.kills
     assert report.name == f"{PREFIX}-late"
     killed = [line for line in run.log if " killed " in line]
