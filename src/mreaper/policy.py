@@ -373,34 +373,39 @@ def snapshot(pid: int, proc: str = procfs.PROC) -> Candidate | None:
     zombie, no mm, ...).  Raises ProcessGone/ParseError like the readers."""
     stat = procfs.read_stat(pid, proc)
     if stat.state in ("Z", "X") or reap.refusal(stat) is not None:
-        return None
+        return None  # decided on stat alone: a kernel thread or a zombie costs one read
     status = procfs.read_status(pid, proc)
-    if not status.has_mm:
-        return None  # no mm (past exit_mm, or no Vm lines at all): nothing to free
-    if reap.refusal(stat, status.tgid) is not None:
+    if _never(stat, status):
         return None
-    oom_score, oom_score_adj = procfs.read_oom_score(pid, proc)
-    cmdline = procfs.read_cmdline(pid, proc)
-    cgroup = procfs.read_cgroup(pid, proc).unified
-    return Candidate(pid=pid, starttime=stat.starttime, name=status.name or stat.comm,
-                     cmdline=cmdline, exe=_read_exe(pid, proc), uid=status.uid, cgroup=cgroup,
-                     rss=status.vm_rss, swap=status.vm_swap, oom_score=oom_score,
-                     oom_score_adj=oom_score_adj)
+    return _candidate(stat, status, cmdline=procfs.read_cmdline(pid, proc),
+                      cgroup=procfs.read_cgroup(pid, proc).unified, exe=_read_exe(pid, proc),
+                      oom=procfs.read_oom_score(pid, proc))
 
 
 def candidate_of(victim: reap.Victim, proc: str = procfs.PROC) -> Candidate | None:
     """The pinned victim as a Candidate, from what Victim.open read right after
     pinning (only the exe link is read here): the same judgement as snapshot(), for
     ranking the victim again alone before it is signalled."""
-    stat, status = victim.stat, victim.status
-    if stat.state in ("Z", "X") or not status.has_mm:
+    if _never(victim.stat, victim.status):
         return None
-    if reap.refusal(stat, status.tgid) is not None:
-        return None
-    return Candidate(pid=victim.pid, starttime=victim.starttime, name=victim.name,
-                     cmdline=victim.cmdline, exe=_read_exe(victim.pid, proc), uid=victim.uid,
-                     cgroup=victim.cgroups.unified, rss=status.vm_rss, swap=status.vm_swap,
-                     oom_score=victim.oom_score, oom_score_adj=victim.oom_score_adj)
+    return _candidate(victim.stat, victim.status, cmdline=victim.cmdline,
+                      cgroup=victim.cgroups.unified, exe=_read_exe(victim.pid, proc),
+                      oom=(victim.oom_score, victim.oom_score_adj))
+
+
+def _never(stat: procfs.Stat, status: procfs.Status) -> bool:
+    """Never a candidate: a zombie, no mm (past exit_mm, or no Vm lines at all: nothing
+    to free), or what reap.refusal refuses (thread ids included)."""
+    return (stat.state in ("Z", "X") or not status.has_mm
+            or reap.refusal(stat, status.tgid) is not None)
+
+
+def _candidate(stat: procfs.Stat, status: procfs.Status, *, cmdline: tuple[str, ...],
+               cgroup: str, exe: str, oom: tuple[int, int]) -> Candidate:
+    return Candidate(pid=stat.pid, starttime=stat.starttime, name=status.name or stat.comm,
+                     cmdline=cmdline, exe=exe, uid=status.uid, cgroup=cgroup,
+                     rss=status.vm_rss, swap=status.vm_swap, oom_score=oom[0],
+                     oom_score_adj=oom[1])
 
 
 def _read_exe(pid: int, proc: str) -> str:
