@@ -1055,15 +1055,22 @@ def test_daemon_calls_process_mrelease_only_after_its_own_sigkill(
     assert mrelease_without_our_kill(guard.calls) == []
 
 
+def straight_kill_setup(memcgs: list[MemoryCgroup]
+                        ) -> tuple[Config, Callable[[], procfs.MemInfo]]:
+    """A 2 GiB memcg for one leak, a kill level 300 MiB under MemAvailable with no
+    SIGTERM stage, and the meminfo that feels only the test's own memcgs."""
+    memcgs.append(MemoryCgroup.create(limit=2 * GiB))
+    base = procfs.read_meminfo().mem_available
+    return daemon_config(available=base, headroom=300 * MiB), own_pressure(memcgs, base)
+
+
 def test_daemon_sends_sigkill_from_its_loop_and_reaps_in_a_reaper_thread(
         memcgs: list[MemoryCgroup]) -> None:
     """Straight to SIGKILL (no SIGTERM stage, no pre-kill hook): the signal goes out
     from the loop that decided, with no hand-over to a reaper thread on the clock; the
     reaper thread then calls process_mrelease, after that SIGKILL."""
-    memcgs.append(MemoryCgroup.create(limit=2 * GiB))
     guard = GuardedSyscalls(owned_by_test(os.getpid()))
-    base = procfs.read_meminfo().mem_available
-    cfg = daemon_config(available=base, headroom=300 * MiB)
+    cfg, meminfo = straight_kill_setup(memcgs)
     leaks: list[Leak] = []
 
     def scenario(s: Scenario) -> None:
@@ -1073,7 +1080,7 @@ def test_daemon_sends_sigkill_from_its_loop_and_reaps_in_a_reaper_thread(
         assert s.killed(leak) == -signal.SIGKILL
         s.reported(1)
 
-    run = run_guarded(cfg, scenario, guard, own_pressure(memcgs, base), leaks)
+    run = run_guarded(cfg, scenario, guard, meminfo, leaks)
     (report,) = run.daemon.kills
     assert [s.name for s in report.signals] == ["SIGKILL"], report
     kills = [c for c in guard.calls if c.name == "pidfd_send_signal" and c.sig]
@@ -1095,10 +1102,8 @@ def test_a_kill_under_way_when_the_daemon_stops_is_still_reported(
         memcgs: list[MemoryCgroup]) -> None:
     """The daemon is told to stop right after its SIGKILL, while the reaper thread is
     still at work: it waits for that kill and reports it before it exits."""
-    memcgs.append(MemoryCgroup.create(limit=2 * GiB))
     guard = SlowReaper(owned_by_test(os.getpid()))
-    base = procfs.read_meminfo().mem_available
-    cfg = daemon_config(available=base, headroom=300 * MiB)
+    cfg, meminfo = straight_kill_setup(memcgs)
     leaks: list[Leak] = []
 
     def scenario(s: Scenario) -> None:
@@ -1109,7 +1114,7 @@ def test_a_kill_under_way_when_the_daemon_stops_is_still_reported(
                            for c in guard.calls), 30, "the SIGKILL")
         assert s.daemon.kills == []  # the reaper is still asleep: nothing reported yet
 
-    run = run_guarded(cfg, scenario, guard, own_pressure(memcgs, base), leaks)
+    run = run_guarded(cfg, scenario, guard, meminfo, leaks)
     (report,) = run.daemon.kills
     assert report.name == f"{PREFIX}-late"
     killed = [line for line in run.log if " killed " in line]
