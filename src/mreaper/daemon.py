@@ -25,7 +25,7 @@ from mreaper import config as config_mod
 from mreaper import policy, sdnotify
 from mreaper import status as status_mod
 from mreaper.config import Config
-from mreaper.detect import Severity, Verdict
+from mreaper.detect import PSI_RECHECK, Severity, Verdict
 from mreaper.linux import cgroup, procfs
 from mreaper.linux.syscalls import LinuxSyscalls, Syscalls, lock_memory, probe_support
 from mreaper.reap import (
@@ -510,6 +510,8 @@ class Daemon:
             timeout = min(timeout, EPISODE_CALM)
         if scope.inflight or scope.settle:
             timeout = min(timeout, 0.05)
+        if scope.psi.pending:  # a trigger event waits to be judged by the next totals
+            timeout = min(timeout, PSI_RECHECK)
         return timeout
 
     def _wait(self, timeout: float) -> None:

@@ -213,6 +213,8 @@ class PsiMonitor:
         self._averages: dict[str, float] = {}
         self._totals: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
         self.rejected = 0  # trigger events the totals did not bear out
+        # level -> when its event came, for events the totals could not judge yet
+        self.pending: dict[str, float] = {}
         # The daemon's own cgroup's memory.pressure, when it lies inside what this
         # monitor watches: a daemon throttled by its own memory.high stalls, and that
         # stall must not count as pressure to kill for.
@@ -259,34 +261,33 @@ class PsiMonitor:
         if level is None or not revents & _POLLPRI:
             return
         self.refresh(now)
-        if self._confirmed(self.triggers[level], now):
+        verdict = self._confirmed(self.triggers[level], now)
+        if verdict is None:
+            # Too few looks at the totals to judge the window: measure from here on
+            # and judge at a look PSI_RECHECK seconds later (refresh() does).
+            self.pending.setdefault(level, now)
+        elif verdict:
             self.fired[level] = now
         else:
             self.rejected += 1
 
-    def _confirmed(self, trig: PsiTrigger, now: float) -> bool:
-        window = trig.window_us / 1e6
-        samples = [(t, tot[trig.kind]) for t, tot in self._totals if trig.kind in tot]
-        if len(samples) < 2:
-            return True  # nothing to check against: trust the kernel
-        current = samples[-1][1]
-        # The newest sample at least one window old, else the oldest we have.
-        older = [x for x in samples if x[0] <= now - window]
-        t0, total0 = older[-1] if older else samples[0]
-        span = now - t0
-        if span <= 0:
-            return True
-        stall_us = current - total0 - self._own_stall(trig.kind, t0)
-        # Over a span shorter than the window, hold the stall to the same rate.
-        return stall_us >= trig.stall_us * min(1.0, span / window)
+    def _confirmed(self, trig: PsiTrigger, now: float) -> bool | None:
+        return confirm_stall(trig, self._stall_samples(trig.kind), now)
 
-    def _own_stall(self, kind: str, since: float) -> int:
-        """The daemon's own stall (us) since `since`, from its cgroup's totals."""
+    def _stall_samples(self, kind: str, since: float | None = None) -> list[tuple[float, int]]:
+        """(time, cumulative stall in us) of `kind` at each look, less the daemon's own
+        stall up to then: differences between them are the stall that is not ours."""
+        return [(t, tot[kind] - self._own_at(kind, t)) for t, tot in self._totals
+                if kind in tot and (since is None or t >= since)]
+
+    def _own_at(self, kind: str, at: float) -> int:
+        """The daemon's own cumulative stall (us) at the newest look no later than `at`
+        (the oldest we have if none; 0 when we do not watch our own cgroup)."""
         own = [(t, tot[kind]) for t, tot in self._own_totals if kind in tot]
-        if len(own) < 2:
+        if not own:
             return 0
-        before = [x for x in own if x[0] <= since]
-        return max(own[-1][1] - (before[-1] if before else own[0])[1], 0)
+        before = [v for t, v in own if t <= at]
+        return before[-1] if before else own[0][1]
 
     def refresh(self, now: float) -> None:
         """Read the pressure file once: its averages (for gauges and the fallback) and
@@ -302,6 +303,7 @@ class PsiMonitor:
         except ValueError:  # garbage: no figures rather than no daemon
             self._averages = {}
         horizon = now - 2 * max((t.window_us / 1e6 for t in self.triggers.values()), default=0)
+        horizon = min(horizon, min(self.pending.values(), default=horizon))
         _keep(self._totals, now, parse_totals(data), horizon)
         if self.own is not None:
             try:
@@ -309,6 +311,14 @@ class PsiMonitor:
                     _keep(self._own_totals, now, parse_totals(f.read()), horizon)
             except OSError:
                 self.own = None  # our cgroup changed or has no PSI: nothing to discount
+        for level, since in list(self.pending.items()):
+            if now - since >= PSI_RECHECK - MIN_DT:
+                del self.pending[level]
+                trig = self.triggers[level]
+                if confirm_rate(trig, self._stall_samples(trig.kind, since)):
+                    self.fired[level] = now
+                else:
+                    self.rejected += 1
 
     def averages(self) -> dict[str, float]:
         """avg10 of some/full as of the last refresh."""
@@ -333,6 +343,66 @@ class PsiMonitor:
 
 
 _POLLPRI = 0x002
+
+# How far the look before a trigger's window may lie from the window's start for the
+# stall between them to judge the window (a fraction of the window).
+WINDOW_SLACK = 0.25
+# A span of totals shorter than this fraction of the window is too short to judge by.
+MIN_SPAN = 0.25
+# An event the totals could not judge is judged on the stall rate over this many
+# seconds after it.  Short, because the level waits for it; long enough that the
+# totals (microseconds) measure a rate: 40 % stall shows as 40 ms.
+PSI_RECHECK = 0.1
+
+
+def confirm_stall(trig: PsiTrigger, samples: Sequence[tuple[float, int]],
+                  now: float) -> bool | None:
+    """Does the stall of `trig.kind` in the window ending at `now` reach the trigger?
+
+    `samples` are (time, cumulative stall in us), oldest first, the last one taken at
+    `now`.  True or False when they can tell; None when they cannot: the kernel's event
+    is checked, not believed (some kernels fire unprivileged triggers spuriously).
+
+    Looks rarely fall on the window's start.  Stall time grows at most as fast as the
+    clock, so from a look t0 before the window, the stall X since t0 bounds the
+    window's own: between X - (now - t0 - window) and X.  From a look inside the
+    window, between X and X + (window - (now - t0)).  Where the bounds decide, they
+    decide; where they do not, the stall rate over the span judges, but only a span
+    close to the window (at most WINDOW_SLACK longer, at least MIN_SPAN of it): five
+    seconds of totals hold two and a half windows of stall, and an upper bound on
+    the window's stall is no confirmation.  Sparser looks leave the event to be
+    judged afresh (confirm_rate over the next PSI_RECHECK seconds)."""
+    window = trig.window_us / 1e6
+    if len(samples) < 2 or samples[-1][0] < now - MIN_DT:
+        return None
+    current = samples[-1][1]
+    older = [x for x in samples if x[0] <= now - window]
+    t0, total0 = older[-1] if older else samples[0]
+    span = now - t0
+    stall = current - total0
+    if span < MIN_DT:
+        return None
+    unseen_us = abs(span - window) * 1e6  # the time the span has too much or too little
+    low, high = (stall - unseen_us, stall) if older else (stall, stall + unseen_us)
+    if low >= trig.stall_us:
+        return True
+    if high < trig.stall_us:
+        return False
+    if (older and span > window * (1 + WINDOW_SLACK)) or \
+            (not older and span < window * MIN_SPAN):
+        return None
+    return stall >= trig.stall_us * span / window
+
+
+def confirm_rate(trig: PsiTrigger, samples: Sequence[tuple[float, int]]) -> bool:
+    """Is the stall rate from the first to the last sample at least the trigger's
+    (threshold per window)?  False with fewer than two samples or no time between."""
+    if len(samples) < 2:
+        return False
+    (t0, total0), (t1, total1) = samples[0], samples[-1]
+    if t1 - t0 < MIN_DT:
+        return False
+    return (total1 - total0) / (t1 - t0) >= trig.stall_us / (trig.window_us / 1e6)
 
 
 def _keep(samples: collections.deque[tuple[float, dict[str, int]]], now: float,

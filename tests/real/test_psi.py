@@ -244,8 +244,10 @@ Samples = list[tuple[float, dict[str, int]]]
 def _watch(mon: PsiMonitor, seconds: float,
            done: Callable[[Events, Samples], bool]) -> tuple[Events, Samples]:
     """Poll the monitor's fds for POLLPRI for up to `seconds` (or until `done`), feeding
-    on_event, and sample the pressure file's totals about every 0.1 s.  Returns the
-    events as (time, level, totals then) and the samples as (time, totals)."""
+    on_event, and sample the pressure file's totals about every 0.1 s.  Like the
+    daemon, which refreshes its monitors on every look, the monitor reads its totals
+    at each of those samples too.  Returns the events as (time, level, totals then)
+    and the samples as (time, totals)."""
     poller = select.poll()
     for fd in mon.fds:
         poller.register(fd, select.POLLPRI)
@@ -258,6 +260,7 @@ def _watch(mon: PsiMonitor, seconds: float,
             mon.on_event(fd, revents, now)
             if revents & select.POLLPRI:
                 events.append((now, mon.fds[fd], _psi_totals()))
+        mon.refresh(time.monotonic())
         samples.append((time.monotonic(), _psi_totals()))
     return events, samples
 

@@ -18,6 +18,7 @@ from mreaper import config
 from mreaper.config import Config, PsiTrigger
 from mreaper.detect import (
     ASSUMED_FILL_RATE,
+    PSI_RECHECK,
     FallRate,
     PsiMonitor,
     Severity,
@@ -471,9 +472,15 @@ def test_monitor_without_triggers_opens_nothing(tmp_path: Path) -> None:
     assert (mon.fds, mon.fallback, mon.active(0.0)) == ({}, None, {})
 
 
+def _pressure(some_us: int, full_us: int) -> bytes:
+    return (f"some avg10=0.00 avg60=0.00 avg300=0.00 total={some_us}\n"
+            f"full avg10=0.00 avg60=0.00 avg300=0.00 total={full_us}\n").encode()
+
+
 def test_monitor_events_and_window(tmp_path: Path) -> None:
     """On a plain file the trigger writes succeed, so the monitor holds one fd per level;
-    what matters here is what it makes of events."""
+    what matters here is what it makes of events, judged by the totals the file shows
+    (the kernel's pressure file, made up here)."""
     path = tmp_path / "pressure"
     path.write_bytes(b"")
     mon = PsiMonitor(TRIGGERS, str(path))
@@ -481,7 +488,10 @@ def test_monitor_events_and_window(tmp_path: Path) -> None:
         assert mon.fallback is None
         assert sorted(mon.fds.values()) == ["kill", "warn"]
         fd_of = {level: fd for fd, level in mon.fds.items()}
+        path.write_bytes(_pressure(0, 0))
+        mon.refresh(99.0)
         assert mon.active(100.0) == {"warn": False, "kill": False}
+        path.write_bytes(_pressure(200_000, 0))  # 20 % "some" over the last second
         mon.on_event(fd_of["warn"], select.POLLIN, 100.0)       # not POLLPRI: ignored
         mon.on_event(max(mon.fds) + 100, select.POLLPRI, 100.0)  # not ours: ignored
         assert mon.active(100.0) == {"warn": False, "kill": False}
@@ -489,8 +499,45 @@ def test_monitor_events_and_window(tmp_path: Path) -> None:
         assert mon.active(100.0) == {"warn": True, "kill": False}
         assert mon.active(101.0) == {"warn": True, "kill": False}   # one window (1 s)
         assert mon.active(101.001) == {"warn": False, "kill": False}
+        # 0 "full" stall in the second before: the kill event is not borne out
+        mon.on_event(fd_of["kill"], select.POLLPRI, 101.0)
+        assert mon.active(101.0)["kill"] is False
+        assert mon.rejected == 1
+        for t in range(102, 201):
+            mon.refresh(float(t))
+        path.write_bytes(_pressure(300_000, 500_000))  # 50 % "full" in the last second
         mon.on_event(fd_of["kill"], select.POLLPRI, 200.0)
         assert mon.active(200.5) == {"warn": False, "kill": True}
+    finally:
+        mon.close()
+
+
+def test_monitor_judges_an_event_it_cannot_tell_from_the_next_totals(tmp_path: Path) -> None:
+    """No look at the totals near the window's start: the event waits PSI_RECHECK
+    seconds and is judged by the stall rate since it."""
+    path = tmp_path / "pressure"
+    path.write_bytes(b"")
+    mon = PsiMonitor(TRIGGERS, str(path))
+    try:
+        fd_of = {level: fd for fd, level in mon.fds.items()}
+        path.write_bytes(_pressure(0, 0))
+        mon.refresh(90.0)  # ten windows before: says nothing of the last one
+        path.write_bytes(_pressure(0, 900_000))
+        mon.on_event(fd_of["kill"], select.POLLPRI, 100.0)
+        assert mon.pending == {"kill": 100.0} and not mon.active(100.0)["kill"]
+        path.write_bytes(_pressure(0, 900_000 + 45_000))  # 45 % "full" since the event
+        mon.refresh(100.0 + PSI_RECHECK)
+        assert mon.pending == {} and mon.active(100.0 + PSI_RECHECK)["kill"] is True
+        # the same with a calm machine after the event: rejected
+        # half a second of stall somewhere in the ten since the last look: the bounds
+        # cannot place it, and a calm machine after the event rejects it
+        mon.fired.clear()
+        path.write_bytes(_pressure(0, 945_000 + 500_000))
+        mon.on_event(fd_of["kill"], select.POLLPRI, 110.0)
+        assert mon.pending == {"kill": 110.0}
+        mon.refresh(110.0 + PSI_RECHECK)
+        assert mon.pending == {} and mon.active(110.2)["kill"] is False
+        assert mon.rejected == 1
     finally:
         mon.close()
     assert mon.fds == {}
