@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import select
 import signal
@@ -60,6 +61,9 @@ def assert_memory_back(report: KillReport, cg: hogs.MemoryCgroup, before: int, s
 
 
 def fd_count() -> int:
+    """Open fds now, after a collection: an fd that only a garbage cycle of an earlier
+    test still holds would otherwise close (or not) at the collector's whim."""
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -531,8 +535,10 @@ def test_200_kills_leak_no_fd_and_no_thread() -> None:
         _kill_sleepers(pool, 20)  # warm-up: the pool's threads exist from here on
         fds, threads, os_threads = fd_count(), threading.active_count(), thread_count()
         reports = _kill_sleepers(pool, 200)
-        assert (fd_count(), threading.active_count(), thread_count()) == (
-            fds, threads, os_threads)
+        # A leak grows with the kills (200 of them); an earlier fd closing meanwhile
+        # (seen once in CI-like runs: 16 -> 14) is no leak.
+        assert fd_count() <= fds
+        assert (threading.active_count(), thread_count()) == (threads, os_threads)
     assert len(reports) == 200
     assert all(r.exited and [s.name for s in r.signals] == ["SIGKILL"] for r in reports)
     assert all(r.mrelease in REAPED_OR_EXITED for r in reports), {r.mrelease for r in reports}
