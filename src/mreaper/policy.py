@@ -372,13 +372,16 @@ def snapshot(pid: int, proc: str = procfs.PROC) -> Candidate | None:
     """One process as a Candidate, or None if it can never be one (kernel thread,
     zombie, no mm, ...).  Raises ProcessGone/ParseError like the readers."""
     stat = procfs.read_stat(pid, proc)
-    if stat.state in ("Z", "X") or reap.refusal(stat) is not None:
+    if (stat.state in ("Z", "X") and stat.num_threads <= 1) or reap.refusal(stat) is not None:
         return None  # decided on stat alone: a kernel thread or a zombie costs one read
+    # A leader in state Z with live threads is no zombie: it called pthread_exit and
+    # the other threads hold the memory; read_status and read_cmdline read them.
     status = procfs.read_status(pid, proc)
     if _never(stat, status):
         return None
     return _candidate(stat, status, cmdline=procfs.read_cmdline(pid, proc),
-                      cgroup=procfs.read_cgroup(pid, proc).unified, exe=_read_exe(pid, proc),
+                      cgroup=procfs.read_cgroup(pid, proc).unified,
+                      exe=_read_exe(pid, proc, status.mm_tid),
                       oom=procfs.read_oom_score(pid, proc))
 
 
@@ -389,15 +392,17 @@ def candidate_of(victim: reap.Victim, proc: str = procfs.PROC) -> Candidate | No
     if _never(victim.stat, victim.status):
         return None
     return _candidate(victim.stat, victim.status, cmdline=victim.cmdline,
-                      cgroup=victim.cgroups.unified, exe=_read_exe(victim.pid, proc),
+                      cgroup=victim.cgroups.unified,
+                      exe=_read_exe(victim.pid, proc, victim.status.mm_tid),
                       oom=(victim.oom_score, victim.oom_score_adj))
 
 
 def _never(stat: procfs.Stat, status: procfs.Status) -> bool:
-    """Never a candidate: a zombie, no mm (past exit_mm, or no Vm lines at all: nothing
-    to free), or what reap.refusal refuses (thread ids included)."""
-    return (stat.state in ("Z", "X") or not status.has_mm
-            or reap.refusal(stat, status.tgid) is not None)
+    """Never a candidate: no mm (a zombie, a process past exit_mm, a kernel thread:
+    nothing to free), or what reap.refusal refuses (thread ids included).  Not the
+    leader's state alone: a leader that called pthread_exit shows Z while its other
+    threads hold the memory, and read_status gives their figures (has_mm)."""
+    return not status.has_mm or reap.refusal(stat, status.tgid) is not None
 
 
 def _candidate(stat: procfs.Stat, status: procfs.Status, *, cmdline: tuple[str, ...],
@@ -408,11 +413,13 @@ def _candidate(stat: procfs.Stat, status: procfs.Status, *, cmdline: tuple[str, 
                      oom_score_adj=oom[1])
 
 
-def _read_exe(pid: int, proc: str) -> str:
-    """readlink /proc/<pid>/exe; "" when we may not (another user's process without
-    CAP_SYS_PTRACE), or it is gone."""
+def _read_exe(pid: int, proc: str, mm_tid: int = 0) -> str:
+    """readlink /proc/<pid>/exe (of thread `mm_tid` when the leader has exited: the
+    kernel finds the exe through the task's mm, which the leader no longer has); ""
+    when we may not (another user's process without CAP_SYS_PTRACE), or it is gone."""
+    path = f"{proc}/{pid}/task/{mm_tid}/exe" if mm_tid else f"{proc}/{pid}/exe"
     try:
-        target = os.readlink(os.fsencode(f"{proc}/{pid}/exe"))
+        target = os.readlink(os.fsencode(path))
     except OSError:
         return ""
     return target.decode("utf-8", "backslashreplace")

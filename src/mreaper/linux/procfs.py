@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 PROC = "/proc"
 
@@ -66,6 +66,10 @@ class Stat:
     ppid: int
     flags: int
     starttime: int  # clock ticks since boot: with pid, the process's identity
+    # Live threads of the thread group.  A leader in state Z with more than one is not
+    # a zombie process: its main thread called pthread_exit while the others run on
+    # (the kernel keeps the leader as a zombie until the whole group has exited).
+    num_threads: int = 1
 
     @property
     def is_kernel_thread(self) -> bool:
@@ -90,6 +94,7 @@ def parse_stat(data: bytes, path: str = "stat") -> Stat:
             state=rest[0].decode("ascii", "replace"),
             ppid=int(rest[1]),
             flags=int(rest[6]),
+            num_threads=int(rest[17]),
             starttime=int(rest[19]),
         )
     except (ValueError, IndexError):
@@ -115,17 +120,23 @@ class Status:
     rss_shmem: int
     vm_swap: int
     has_mm: bool = True  # False: no Vm*/Rss* lines (kernel thread, zombie, past exit_mm)
+    threads: int = 1     # the Threads: line (live threads of the thread group)
+    # 0: the Vm*/Rss* figures are the leader's own.  Else the id of the live thread
+    # whose status gave them, the leader having exited first (see read_status).
+    mm_tid: int = 0
 
 
 _STATUS_SIZES = {"VmRSS": "vm_rss", "RssAnon": "rss_anon", "RssFile": "rss_file",
                  "RssShmem": "rss_shmem", "VmSwap": "vm_swap"}
-_STATUS_WANTED = frozenset({b"Name", b"Tgid", b"Uid"} | {k.encode() for k in _STATUS_SIZES})
+_STATUS_WANTED = frozenset({b"Name", b"Tgid", b"Uid", b"Threads"}
+                           | {k.encode() for k in _STATUS_SIZES})
 
 
 def parse_status(data: bytes, path: str = "status") -> Status:
     fields: dict[str, int] = dict.fromkeys(_STATUS_SIZES.values(), 0)
     name = ""
     tgid = uid = -1
+    threads = 1
     has_mm = False
     for raw in data.split(b"\n"):
         key, sep, value = raw.partition(b":")
@@ -141,6 +152,8 @@ def parse_status(data: bytes, path: str = "status") -> Status:
                 tgid = int(value)
             elif key == b"Uid":
                 uid = int(value.split()[0])
+            elif key == b"Threads":
+                threads = int(value)
             else:
                 number, _, unit = value.strip().partition(b" ")
                 if unit.strip() not in (b"kB", b""):
@@ -152,19 +165,71 @@ def parse_status(data: bytes, path: str = "status") -> Status:
                                    f"{value.strip()[:60]!r}") from None
     if tgid < 0 or uid < 0:
         raise ParseError(path, "missing Tgid or Uid line")
-    return Status(name=name, tgid=tgid, uid=uid, has_mm=has_mm, **fields)
+    return Status(name=name, tgid=tgid, uid=uid, has_mm=has_mm, threads=threads, **fields)
 
 
 def read_status(pid: int, proc: str = PROC) -> Status:
+    """/proc/<pid>/status, with the memory of the whole thread group.
+
+    When the leader has exited (pthread_exit) while other threads run on, its own
+    status has no Vm*/Rss* lines although the group's mm is alive and full: the
+    figures then come from a live thread's status (`mm_tid` says which).  Name, Tgid
+    and Uid stay the leader's, as ps and the kernel's oom_score show them."""
     path = f"{proc}/{pid}/status"
-    return parse_status(_read_bytes(path, pid), path)
+    leader = parse_status(_read_bytes(path, pid), path)
+    if leader.has_mm or leader.threads <= 1:
+        return leader  # a live leader, a kernel thread, or a real zombie (no thread left)
+    tid = mm_thread(pid, proc)
+    if tid is None:
+        return leader
+    tpath = f"{proc}/{pid}/task/{tid}/status"
+    try:
+        thread = parse_status(_read_bytes(tpath, pid), tpath)
+    except ProcessGone:
+        return leader  # it exited between the two reads: the group is on its way out
+    return replace(thread, name=leader.name, tgid=leader.tgid, uid=leader.uid,
+                   mm_tid=tid if thread.has_mm else 0)
+
+
+def mm_thread(pid: int, proc: str = PROC) -> int | None:
+    """A live thread of `pid` that holds the thread group's mm when the leader no longer
+    does (it called pthread_exit: the kernel keeps it as a zombie, without mm, until
+    the last thread exits), or None.  The leader's own cmdline and exe then read empty
+    and ENOENT, a live thread's give the process's."""
+    for tid in _other_threads(pid, proc):
+        path = f"{proc}/{pid}/task/{tid}/status"
+        try:
+            if parse_status(_read_bytes(path, pid), path).has_mm:
+                return tid
+        except ProcessGone:
+            continue  # that thread exited meanwhile: try the next
+    return None
+
+
+def _other_threads(pid: int, proc: str) -> list[int]:
+    """The thread ids of `pid`'s group other than the leader, lowest first."""
+    try:
+        names = os.listdir(f"{proc}/{pid}/task")
+    except OSError:
+        # Gone (ENOENT, ESRCH): the next read of its files says so; here it simply
+        # has no thread left to read from.
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and int(n) != pid)
 
 
 def read_cmdline(pid: int, proc: str = PROC) -> tuple[str, ...]:
-    """argv as the process left it (NUL-separated); empty for kernel threads and zombies."""
+    """argv as the process left it (NUL-separated); empty for kernel threads and zombies.
+
+    A leader that has exited (pthread_exit) reads empty, as the kernel finds argv
+    through the task's mm: then a live thread's cmdline, the same argv, is read."""
     data = _read_bytes(f"{proc}/{pid}/cmdline", pid)
     if not data:
-        return ()
+        tid = mm_thread(pid, proc)
+        if tid is None:
+            return ()
+        data = _read_bytes(f"{proc}/{pid}/task/{tid}/cmdline", pid)
+        if not data:
+            return ()
     return tuple(a.decode("utf-8", "backslashreplace") for a in data.rstrip(b"\0").split(b"\0"))
 
 

@@ -1,0 +1,221 @@
+"""What an unprivileged user can do to hide from, or stall, the killer: real processes.
+
+Invisible victims: a process whose main thread called pthread_exit while another
+thread holds the memory.  The kernel keeps the leader as a zombie (State: Z, no Vm*
+lines, empty cmdline, no exe link) until the last thread exits, so a scan that judges
+by the leader's own files never sees the memory.  Every helper here lives in a memory
+cgroup whose limit bounds it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import helpers
+from daemon_harness import DaemonProcess
+from mreaper import policy
+from mreaper.hogs import MemoryCgroup, MiB
+from mreaper.linux import procfs
+from mreaper.reap import KillOptions, Mrelease, Victim, kill_and_reap
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: memory cgroups")
+
+# Joins the given cgroup.procs, starts a thread that allocates and touches TOTAL MiB of
+# private anonymous memory, STEP MiB every INTERVAL ms (printing "ready" after the
+# first step), then the main thread calls pthread_exit: the leader becomes a zombie
+# while the thread runs on and holds all the memory.
+LEADER_EXITS_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+static size_t total, step;
+static long interval_ms;
+
+static void *holder(void *arg) {
+    (void)arg;
+    for (size_t done = 0; done < total; done += step) {
+        char *mem = mmap(NULL, step, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mem == MAP_FAILED) {
+            perror("mmap");
+            exit(1);
+        }
+        memset(mem, 1, step);
+        if (done == 0) {
+            printf("ready\n");
+            fflush(stdout);
+        }
+        struct timespec ts = {interval_ms / 1000, (interval_ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    printf("full\n");
+    fflush(stdout);
+    for (;;)
+        pause();
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 5) {
+        fprintf(stderr, "usage: %s CGROUP_PROCS TOTAL_MIB STEP_MIB INTERVAL_MS\n", argv[0]);
+        return 2;
+    }
+    FILE *f = fopen(argv[1], "w");
+    if (!f || fprintf(f, "%d", (int)getpid()) < 0 || fclose(f) != 0) {
+        perror("joining the memory cgroup");
+        return 1;
+    }
+    total = strtoull(argv[2], NULL, 10) << 20;
+    step = strtoull(argv[3], NULL, 10) << 20;
+    interval_ms = strtol(argv[4], NULL, 10);
+    pthread_t t;
+    if (pthread_create(&t, NULL, holder, NULL) != 0) {
+        perror("pthread_create");
+        return 1;
+    }
+    pthread_exit(NULL);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def leader_exits_bin(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The helper, compiled once, named mr-ghost (its comm, which the rules see)."""
+    return str(helpers.compile_c(LEADER_EXITS_C,
+                                 tmp_path_factory.mktemp("cbin") / "mr-ghost"))
+
+
+Ghost = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def ghost(leader_exits_bin: str) -> Iterator[Ghost]:
+    """Start the helper in a memory cgroup; wait until its leader is a zombie and its
+    thread holds the first step of memory.  SIGKILLed and waited at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(cg: MemoryCgroup, total_mib: int, step_mib: int | None = None,
+              interval_ms: int = 0) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen([leader_exits_bin, cg.procs_file, str(total_mib),
+                              str(step_mib or total_mib), str(interval_ms)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        started.append(p)
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + 10
+        while procfs.read_stat(p.pid).state != "Z":  # the leader is past pthread_exit
+            assert time.monotonic() < deadline, "the main thread did not exit"
+            time.sleep(0.005)
+        return p
+
+    yield start
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+def _premise(p: subprocess.Popen[bytes]) -> None:
+    """What makes the process invisible to a leader-only reading: asserted, not assumed."""
+    raw = Path(f"/proc/{p.pid}/status").read_bytes()
+    assert b"State:\tZ" in raw and b"VmRSS" not in raw
+    assert b"\nThreads:\t2\n" in raw
+    assert Path(f"/proc/{p.pid}/cmdline").read_bytes() == b""
+
+
+def test_a_process_whose_leader_exited_is_ranked_by_its_threads_memory(
+        ghost: Ghost, memcg_factory: Callable[[int], MemoryCgroup],
+        leader_exits_bin: str) -> None:
+    cg = memcg_factory(512 * MiB)
+    p = ghost(cg, 300)
+    _premise(p)
+    candidates, _ = policy.scan()
+    found = {c.pid: c for c in candidates}
+    assert p.pid in found, "a process whose main thread exited must be a candidate"
+    c = found[p.pid]
+    assert c.rss >= 300 * MiB  # the thread's memory, the group's mm
+    assert c.name == "mr-ghost"
+    assert c.cmdline == (leader_exits_bin, cg.procs_file, "300", "300", "0")
+    assert c.exe == leader_exits_bin
+    # the kernel's oom_score already walks the threads (find_lock_task_mm)
+    assert c.oom_score == int(Path(f"/proc/{p.pid}/oom_score").read_text()) > 0
+    chosen = policy.choose(policy.rank(candidates, [policy.Rule(
+        action=policy.Action.PREFER, name=re.compile("^mr-ghost$"), adjust=100_000)]))
+    assert chosen is not None and chosen.candidate.pid == p.pid
+    # and what an admin sees
+    out = subprocess.run([sys.executable, "-m", "mreaper.cli", "explain", "--all"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    row = next((line for line in out.splitlines() if line.split()[1:2] == [str(p.pid)]), None)
+    assert row is not None, f"PID {p.pid} missing from explain --all:\n{out}"
+    assert "mr-ghost" in row
+
+
+def test_a_real_zombie_is_still_not_a_candidate(spawn: Callable[..., subprocess.Popen[bytes]]
+                                                ) -> None:
+    """The other side: a process that really exited (not waited for yet) has no live
+    thread and nothing to free; it must stay out."""
+    z = spawn(["sh", "-c", "exit 0"])
+    deadline = time.monotonic() + 10
+    while procfs.read_stat(z.pid).state != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert b"\nThreads:\t1\n" in Path(f"/proc/{z.pid}/status").read_bytes()
+    assert not procfs.read_status(z.pid).has_mm
+    assert procfs.read_cmdline(z.pid) == ()
+    assert policy.snapshot(z.pid) is None
+    assert z.pid not in {c.pid for c in policy.scan()[0]}
+
+
+def test_a_process_whose_leader_exited_is_killed_and_reaped(
+        ghost: Ghost, memcg_factory: Callable[[int], MemoryCgroup]) -> None:
+    cg = memcg_factory(768 * MiB)
+    p = ghost(cg, 512)
+    _premise(p)
+    before = cg.usage()
+    assert before >= 512 * MiB
+    with Victim.open(p.pid) as v:
+        # what the pinned victim holds: the thread group's memory, not the leader's zero
+        assert v.holdings.vm_rss >= 512 * MiB
+        assert v.cmdline[1:] == (cg.procs_file, "512", "512", "0")
+        assert policy.candidate_of(v) is not None  # re-ranked before the signal, kept
+        report = kill_and_reap(v, KillOptions(exit_timeout=30))
+    assert p.wait(timeout=30) == -signal.SIGKILL
+    # ESRCH: the victim's own exit already dropped the mm (fine); never EINVAL here
+    assert report.mrelease in (Mrelease.REAPED, Mrelease.EXITED_FIRST), report
+    assert cg.usage() < 32 * MiB  # the memory really came back
+
+
+def test_daemon_kills_a_leak_whose_leader_exited(
+        ghost: Ghost, memcg_factory: Callable[[int], MemoryCgroup]) -> None:
+    """The daemon at its kill level, the only unprotected process a growing leak whose
+    main thread has exited: before, it logged "no process may be killed"."""
+    cg = memcg_factory(2048 * MiB)
+    avail = procfs.read_meminfo().mem_available
+    kill = avail - 400 * MiB
+    # every process but this test's mr-* is protected (see test_daemon._levels)
+    daemon = DaemonProcess("--memory-warn", f"{(avail - 200 * MiB) // MiB}M",
+                           "--memory-term", "off", "--memory-kill", f"{kill // MiB}M",
+                           "--psi-warn", "off", "--psi-kill", "off", "--protect", "^(?!mr-)")
+    try:
+        p = ghost(cg, 1500, 32, 50)
+        _premise(p)
+        assert p.wait(timeout=60) == -signal.SIGKILL
+        m = daemon.wait_for(rf"killed {p.pid} 'mr-ghost'.*process_mrelease (\S+)")
+        assert m.group(1) in ("reaped", "exited-first")
+        assert cg.usage() < 50 * MiB
+        assert not any("no process may be killed" in line for line in daemon.lines)
+    finally:
+        assert daemon.stop() == 0
