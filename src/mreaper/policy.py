@@ -15,11 +15,17 @@ from __future__ import annotations
 import enum
 import os
 import re
+import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from mreaper import reap
 from mreaper.linux import procfs
+
+if TYPE_CHECKING:
+    import regex
 
 MiB = 1 << 20
 
@@ -53,6 +59,205 @@ class Candidate:
     oom_score_adj: int
 
 
+# --- bounded patterns ----------------------------------------------------------------------
+#
+# A process's own user chooses its name and cmdline (`exec -a`), so every pattern is
+# input to a search over text a hostile user wrote.  Python's `re` cannot be stopped
+# once a search runs ("(a+)+$" against "aaa...ab" takes years, holding the GIL), so
+# rules match with the `regex` engine (PyPI `regex`, Debian `python3-regex`): the same
+# syntax and semantics (VERSION0), and a timeout.  Three bounds, each documented in
+# docs/configuration.md:
+#   * at load, patterns whose matching time can grow exponentially (or worse: a
+#     backreference) with the text are refused, with the reason;
+#   * at most MATCH_MAX_CHARS of any text are searched;
+#   * a search gives up after MATCH_TIMEOUT s, and one ranking spends at most
+#     GIVE_UP_BUDGET s of CPU per user on searches that gave up: past it, that user's
+#     further searches give up at once.  A rule that gave up on a process gives it
+#     no shelter (see Rule.judge).
+
+MATCH_MAX_CHARS = 4096
+MATCH_TIMEOUT = 0.05
+GIVE_UP_BUDGET = 0.25
+_NOISE_RETRIES = 4
+
+_REPEATS = frozenset({"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"})
+_BACKREFS = frozenset({"GROUPREF", "GROUPREF_EXISTS", "GROUPREF_IGNORE",
+                       "GROUPREF_LOC_IGNORE", "GROUPREF_UNI_IGNORE"})
+
+
+class PatternRefused(ValueError):
+    """A pattern that is not a regular expression, or whose matching cannot be bounded."""
+
+
+class Pattern:
+    """A rule's regular expression, checked for bounded matching, searched with a timeout.
+    `pattern` is the text as written (what explain and `mreaper config` show)."""
+
+    __slots__ = ("_compiled", "flags", "pattern")
+
+    def __init__(self, pattern: str, flags: int = 0) -> None:
+        if not isinstance(pattern, str):
+            raise PatternRefused(f"{pattern!r}: a regular expression must be a string")
+        try:
+            # The stdlib parser: the syntax rules accept is re's, and its tree is what
+            # _unbounded() judges; regex then compiles the same text with re's semantics.
+            tree = _sre_parse(pattern, flags)
+        except re.error as e:
+            raise PatternRefused(f"not a valid regular expression: {e}") from None
+        except OverflowError as e:  # "a{4294967296}": the repetition number is too large
+            raise PatternRefused(f"not a valid regular expression: {e}") from None
+        except RecursionError:      # the parser recurses on each nested group
+            raise PatternRefused("not a valid regular expression: groups nested too "
+                                 "deeply") from None
+        reason = _unbounded(tree, inside=None)
+        if reason is not None:
+            raise PatternRefused(reason)
+        engine = _engine()
+        try:
+            self._compiled: regex.Pattern[str] = engine.compile(pattern,
+                                                                flags | engine.VERSION0)
+        except (engine.error, OverflowError, RecursionError) as e:
+            raise PatternRefused(f"not a valid regular expression for the matching engine: "
+                                 f"{e}") from None
+        self.pattern = pattern
+        self.flags = flags
+
+    def search(self, text: str, timeout: float = MATCH_TIMEOUT) -> bool:
+        """re.search on the first MATCH_MAX_CHARS of `text`; TimeoutError past `timeout`."""
+        # concurrent: the engine lets go of the GIL while it searches (text is an
+        # immutable str), so the status server and signal handling run meanwhile.
+        return self._compiled.search(text[:MATCH_MAX_CHARS], concurrent=True,
+                                     timeout=timeout) is not None
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Pattern) and self.pattern == other.pattern
+                and self.flags == other.flags)
+
+    def __hash__(self) -> int:
+        return hash((self.pattern, self.flags))
+
+    def __repr__(self) -> str:
+        return f"Pattern({self.pattern!r})"
+
+
+REGEX_HINT = ("the Python package regex: pip install regex, or on Debian and Ubuntu "
+              "apt install python3-regex")
+
+
+def _engine() -> Any:
+    """The regex module, imported when the first pattern is compiled: a configuration
+    without patterns runs without it (as an offline `install.sh --wheel` leaves it)."""
+    try:
+        import regex
+    except ImportError:
+        raise PatternRefused(f"rule patterns need {REGEX_HINT}") from None
+    return regex
+
+
+def _sre_parse(pattern: str, flags: int) -> Any:
+    with warnings.catch_warnings():  # sre_parse is deprecated as a module, not as a parser
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import sre_parse
+    return sre_parse.parse(pattern, flags)
+
+
+def _unbounded(tree: Any, inside: str | None) -> str | None:
+    """Why matching `tree` (an sre_parse tree) can take exponential time, or None.
+    `inside`: the text of the enclosing repeat that may run more than once, if any.
+
+    Conservative: refused are backreferences (matching with them is NP-hard), a repeat
+    of variable count inside a repeat that may run more than once ("(a+)+", "(\\w+\\s?)*",
+    "(a+){3}"), and alternatives under such a repeat that may begin with the same
+    character ("(a|aa)*", "(a|a)+"): each of those lets one text be split in
+    exponentially many ways, which a backtracking engine tries one by one."""
+    for op, av in tree:
+        name = str(op)
+        if name in _BACKREFS:
+            return ("a backreference (\\1, (?P=name), (?(1)...)): matching with one cannot be "
+                    "bounded; match the text itself")
+        if name in _REPEATS:
+            low, high, body = av
+            if inside is not None and low != high:
+                return (f"a repeat of variable count inside the repeat {inside}: matching "
+                        "time can grow exponentially with the text, which the process's "
+                        "user chooses; write it without the nesting (e.g. a+ for (a+)+)")
+            reason = _unbounded(body, inside if inside is not None or high <= 1
+                                else _repeat_text(low, high))
+        elif name == "SUBPATTERN":
+            reason = _unbounded(av[-1], inside)
+        elif name == "BRANCH":
+            alternatives = av[1]
+            if inside is not None and not _distinct_heads(alternatives):
+                return (f"alternatives that can begin alike inside the repeat {inside}: "
+                        "matching time can grow exponentially with the text; make each "
+                        "alternative begin with its own character, or move the repeat")
+            reason = next((r for alt in alternatives
+                           if (r := _unbounded(alt, inside)) is not None), None)
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            reason = _unbounded(av[1], inside)
+        elif name == "ATOMIC_GROUP":
+            reason = _unbounded(av, inside)
+        else:
+            continue  # a literal, a class, an anchor: one step each
+        if reason is not None:
+            return reason
+    return None
+
+
+def _repeat_text(low: int, high: int) -> str:
+    return f"{{{low},{'' if high > 65535 else high}}}"
+
+
+def _distinct_heads(alternatives: Sequence[Any]) -> bool:
+    """True when every alternative begins with a plain literal character, each its own."""
+    heads = []
+    for alt in alternatives:
+        if not alt or str(alt[0][0]) != "LITERAL":
+            return False
+        heads.append(alt[0][1])
+    return len(set(heads)) == len(heads)
+
+
+class Outcome(enum.Enum):
+    """What matching a rule against a process gave."""
+
+    MATCH = "match"
+    NO_MATCH = "no match"
+    # A search used up its time on this process's text (CPU spent: the text, which its
+    # user chose, is hard for the pattern) or its user's budget was spent already.
+    GAVE_UP = "gave up"
+    # A search timed out again and again with little CPU used: this thread was not run
+    # (a loaded machine), the text was not the cause.
+    UNDECIDED = "undecided"
+
+
+class Matching:
+    """The bounds of one ranking: what each user's processes have spent on searches that
+    gave up (CPU seconds), so a user's hostile names cannot stall the ranking of all."""
+
+    def __init__(self, budget: float = GIVE_UP_BUDGET, timeout: float = MATCH_TIMEOUT) -> None:
+        self.budget = budget
+        self.timeout = timeout
+        self.spent: dict[int, float] = {}
+
+    def search(self, pattern: Pattern, text: str, uid: int) -> Outcome:
+        """pattern.search(text) for a process of user `uid`, within the bounds.  A time-out
+        with little CPU used is this thread being descheduled, not the text: the search
+        is tried again, a few times, before it is UNDECIDED."""
+        if self.spent.get(uid, 0.0) >= self.budget:
+            return Outcome.GAVE_UP
+        for _ in range(_NOISE_RETRIES):
+            cpu = time.thread_time()
+            try:
+                return Outcome.MATCH if pattern.search(text, self.timeout) else Outcome.NO_MATCH
+            except TimeoutError:
+                used = time.thread_time() - cpu
+            if used >= self.timeout / 2:
+                self.spent[uid] = self.spent.get(uid, 0.0) + used
+                return Outcome.GAVE_UP
+        return Outcome.UNDECIDED
+
+
 # --- the rules ---------------------------------------------------------------------------
 
 
@@ -67,14 +272,16 @@ class Action(enum.Enum):
 @dataclass(frozen=True)
 class Rule:
     """One prefer/avoid/protect rule.  It matches a process when ALL of its given
-    matchers match: patterns with `re.search` on the name, the cmdline joined by spaces,
-    the exe path and the cgroup v2 path; `uid` by equality."""
+    matchers match: patterns searched (as `re.search` would, within the bounds of
+    `Pattern`) in the name, the cmdline joined by spaces, the exe path and the cgroup
+    v2 path; `uid` by equality.  A pattern may be given as a string or an `re.Pattern`:
+    it becomes a `Pattern`, or the rule is refused (PatternRefused, a ValueError)."""
 
     action: Action
-    name: re.Pattern[str] | None = None
-    cmdline: re.Pattern[str] | None = None
-    exe: re.Pattern[str] | None = None
-    cgroup: re.Pattern[str] | None = None
+    name: Pattern | None = None
+    cmdline: Pattern | None = None
+    exe: Pattern | None = None
+    cgroup: Pattern | None = None
     uid: int | None = None
     adjust: int = 0   # 0: the action's default (prefer +300, avoid -300); ignored for protect
     label: str = ""   # how explain names it; "" lets rank() say 'rule N (avoid name=...)'
@@ -83,11 +290,23 @@ class Rule:
         if not isinstance(self.action, Action):
             raise ValueError(f"rule action {self.action!r}: must be one of "
                              f"{', '.join(a.value for a in Action)}")
-        for field_name in ("name", "cmdline", "exe", "cgroup"):
-            value = getattr(self, field_name)
-            if value is not None and not isinstance(value, re.Pattern):
-                raise ValueError(f"rule {field_name}={value!r}: must be a compiled regular "
-                                 "expression")
+        for field_name in _PATTERN_FIELDS:
+            value: object = getattr(self, field_name)
+            if value is None or isinstance(value, Pattern):
+                continue
+            flags = 0
+            if isinstance(value, re.Pattern) and isinstance(value.pattern, str):
+                text, flags = value.pattern, int(value.flags & ~re.UNICODE)
+            elif isinstance(value, str):
+                text = value
+            else:
+                raise ValueError(f"rule {field_name}={value!r}: must be a regular "
+                                 "expression (a string)")
+            try:
+                compiled = Pattern(text, flags)
+            except PatternRefused as e:
+                raise PatternRefused(f"rule {field_name}={text!r}: {e}") from None
+            object.__setattr__(self, field_name, compiled)
         if self.uid is not None and (isinstance(self.uid, bool) or not isinstance(self.uid, int)
                                      or self.uid < 0):
             raise ValueError(f"rule uid={self.uid!r}: must be a user ID (an integer >= 0)")
@@ -116,8 +335,8 @@ class Rule:
     def describe(self) -> str:
         """'avoid name=^Xorg$ uid=0': the action and its matchers, as a config would say."""
         parts = [self.action.value]
-        for field_name in ("name", "cmdline", "exe", "cgroup"):
-            pattern: re.Pattern[str] | None = getattr(self, field_name)
+        for field_name in _PATTERN_FIELDS:
+            pattern: Pattern | None = getattr(self, field_name)
             if pattern is not None:
                 parts.append(f"{field_name}={pattern.pattern}")
         if self.uid is not None:
@@ -126,14 +345,43 @@ class Rule:
             parts.append(f"adjust={self.adjust:+d}")
         return " ".join(parts)
 
+    def judge(self, candidate: Candidate, matching: Matching | None = None) -> Outcome:
+        """Match every matcher given against `candidate`, within `matching`'s bounds
+        (a fresh one if None).  One matcher that does not match decides NO_MATCH."""
+        if self.uid is not None and candidate.uid != self.uid:
+            return Outcome.NO_MATCH
+        m = matching if matching is not None else Matching()
+        outcome = Outcome.MATCH
+        for field_name in _PATTERN_FIELDS:
+            pattern: Pattern | None = getattr(self, field_name)
+            if pattern is None:
+                continue
+            text = (" ".join(candidate.cmdline) if field_name == "cmdline"
+                    else getattr(candidate, field_name))
+            got = m.search(pattern, text, candidate.uid)
+            if got is Outcome.NO_MATCH:
+                return got
+            if got is Outcome.GAVE_UP or outcome is Outcome.MATCH:
+                outcome = got
+        return outcome
+
+    def applies(self, outcome: Outcome) -> bool:
+        """Whether the rule acts on a process it judged `outcome`.
+
+        GAVE_UP: the process's own text was too hard for the pattern, and its user
+        chooses that text, so the rule gives it no shelter: protect and avoid do not
+        apply, prefer does.  UNDECIDED (this machine too loaded to finish a short
+        search): the other way round, as nothing must be killed by mistake."""
+        if outcome is Outcome.MATCH or outcome is Outcome.NO_MATCH:
+            return outcome is Outcome.MATCH
+        return (self.action is Action.PREFER) == (outcome is Outcome.GAVE_UP)
+
     def matches(self, candidate: Candidate) -> bool:
-        """True when every matcher given matches `candidate`."""
-        return ((self.uid is None or candidate.uid == self.uid)
-                and (self.name is None or self.name.search(candidate.name) is not None)
-                and (self.exe is None or self.exe.search(candidate.exe) is not None)
-                and (self.cgroup is None or self.cgroup.search(candidate.cgroup) is not None)
-                and (self.cmdline is None
-                     or self.cmdline.search(" ".join(candidate.cmdline)) is not None))
+        """True when the rule acts on `candidate` (see judge and applies)."""
+        return self.applies(self.judge(candidate))
+
+
+_PATTERN_FIELDS = ("name", "exe", "cgroup", "cmdline")  # cmdline last: the longest text
 
 
 # --- the ranking ---------------------------------------------------------------------------
@@ -203,6 +451,7 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
         raise ValueError(f"scope_cgroup {scope_cgroup!r}: must be a cgroup v2 path such as "
                          "/system.slice/foo.service")
     labelled = [(rule, rule_label(rule, i)) for i, rule in enumerate(rules, 1)]
+    matching = Matching()  # one budget per user for the whole ranking
     ranked = []
     for c in candidates:
         score = c.oom_score if sort_by is SortBy.OOM_SCORE else c.rss // MiB
@@ -210,7 +459,13 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
         reasons: list[str] = []
         must_live = False
         for rule, label in labelled:
-            if not rule.matches(c):
+            outcome = rule.judge(c, matching)
+            applies = rule.applies(outcome)
+            if outcome is Outcome.GAVE_UP or outcome is Outcome.UNDECIDED:
+                why = ("gave up matching this process's text" if outcome is Outcome.GAVE_UP
+                       else "matching undecided (machine too loaded)")
+                touched.append(f"{label}: {why}, {'applied' if applies else 'not applied'}")
+            if not applies:
                 continue
             if rule.action is Action.PROTECT:
                 touched.append(f"{label}: protect")

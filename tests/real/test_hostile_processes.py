@@ -5,15 +5,20 @@ thread holds the memory.  The kernel keeps the leader as a zombie (State: Z, no 
 lines, empty cmdline, no exe link) until the last thread exits, so a scan that judges
 by the leader's own files never sees the memory.  Every helper here lives in a memory
 cgroup whose limit bounds it.
+
+Hostile names: a process's user chooses its argv (`exec -a`), and rule patterns are
+searched in it; the search must end whatever the text.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -153,7 +158,7 @@ def test_a_process_whose_leader_exited_is_ranked_by_its_threads_memory(
     # the kernel's oom_score already walks the threads (find_lock_task_mm)
     assert c.oom_score == int(Path(f"/proc/{p.pid}/oom_score").read_text()) > 0
     chosen = policy.choose(policy.rank(candidates, [policy.Rule(
-        action=policy.Action.PREFER, name=re.compile("^mr-ghost$"), adjust=100_000)]))
+        action=policy.Action.PREFER, name="^mr-ghost$", adjust=100_000)]))
     assert chosen is not None and chosen.candidate.pid == p.pid
     # and what an admin sees
     out = subprocess.run([sys.executable, "-m", "mreaper.cli", "explain", "--all"],
@@ -219,3 +224,61 @@ def test_daemon_kills_a_leak_whose_leader_exited(
         assert not any("no process may be killed" in line for line in daemon.lines)
     finally:
         assert daemon.stop() == 0
+
+
+# --- regular expressions against names a user chose ------------------------------------
+
+SLEEP = shutil.which("sleep") or "/bin/sleep"
+
+
+def test_the_evil_rule_is_refused_by_config_and_run(tmp_path: Path) -> None:
+    """`cmdline = "(a+)+$"` freezes a backtracking engine on `exec -a aaaa...ab`: refused
+    at load, naming the file, the key and the value, and `run` does not start."""
+    path = tmp_path / "evil.toml"
+    path.write_text("[[rule]]\naction = \"protect\"\ncmdline = \"(a+)+$\"\n")
+    path.chmod(0o644)
+    for command in (["config"], ["run", "--dry-run"]):
+        r = subprocess.run([sys.executable, "-m", "mreaper.cli", *command, "--config",
+                            str(path)], capture_output=True, text=True, timeout=60, check=False,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 2, r
+        assert f"{path}: rule[1].cmdline = '(a+)+$': a repeat of variable count inside " \
+               "the repeat" in r.stderr, r.stderr
+
+
+def test_ranking_real_processes_with_hostile_names_completes(
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """Four real processes whose argv[0] (as `exec -a` sets it) is 128 KiB of "foofoo..."
+    and a rule that is fine on honest text but quadratic on that with a backtracking
+    engine: with `re`, about a minute per process.  The scan and ranking run in a child
+    with a generous time-out (a hang there cannot freeze this process): they complete,
+    and the hostile processes get no shelter from the protect rule."""
+    hostile = "foo" * 43690  # one argument stays under MAX_ARG_STRLEN (128 KiB)
+    procs = [spawn([hostile, "1000"], executable=SLEEP) for _ in range(4)]
+    deadline = time.monotonic() + 10
+    for p in procs:
+        while procfs.read_cmdline(p.pid)[:1] != (hostile,):
+            assert time.monotonic() < deadline, "the hostile argv[0] never showed"
+            time.sleep(0.005)
+    code = textwrap.dedent(f"""
+        import json, re, time
+        from mreaper import policy
+        t = time.monotonic()
+        candidates, _ = policy.scan()
+        rules = [policy.Rule(policy.Action.PROTECT, cmdline=re.compile("(foo)+$"),
+                             label="keep")]
+        ranked = policy.rank(candidates, rules)
+        pids = {[p.pid for p in procs]!r}
+        print(json.dumps({{"elapsed": time.monotonic() - t,
+                           "hostile": [[r.candidate.pid, r.excluded, list(r.touched_by)]
+                                       for r in ranked if r.candidate.pid in pids]}}))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                       timeout=90)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert sorted(pid for pid, _, _ in out["hostile"]) == sorted(p.pid for p in procs)
+    for _pid, excluded, touched in out["hostile"]:
+        assert excluded is None
+        assert touched == ["keep: gave up matching this process's text, not applied"]
+    print(f"scan + rank with 4 hostile processes: {out['elapsed']:.2f} s")
