@@ -70,14 +70,15 @@ class Candidate:
 #   * at load, patterns whose matching time can grow exponentially (or worse: a
 #     backreference) with the text are refused, with the reason;
 #   * at most MATCH_MAX_CHARS of any text are searched;
-#   * a search gives up after MATCH_TIMEOUT s, and one ranking spends at most
-#     GIVE_UP_BUDGET s of CPU per user on searches that gave up: past it, that user's
-#     further searches give up at once.  A rule that gave up on a process gives it
-#     no shelter (see Rule.judge).
+#   * a search gives up after MATCH_TIMEOUT s, and one ranking lets each user's
+#     processes make searches time out for about GIVE_UP_BUDGET s (see Matching):
+#     past it, that user's further searches end at once.  A rule that gave up on a
+#     process's text gives it no shelter (see Rule.applies).
 
 MATCH_MAX_CHARS = 4096
 MATCH_TIMEOUT = 0.05
 GIVE_UP_BUDGET = 0.25
+NOISE_CPU = 0.002
 _NOISE_RETRIES = 4
 
 _REPEATS = frozenset({"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"})
@@ -232,29 +233,39 @@ class Outcome(enum.Enum):
 
 
 class Matching:
-    """The bounds of one ranking: what each user's processes have spent on searches that
-    gave up (CPU seconds), so a user's hostile names cannot stall the ranking of all."""
+    """The bounds of one ranking, per user: the time that user's processes made searches
+    run until they timed out, so one user's hostile names cannot stall the ranking of
+    all.  `spent`: time-outs that used CPU (the text was hard); `waited`: time-outs
+    during which this thread hardly ran (a loaded machine).  Seconds, wall clock."""
 
     def __init__(self, budget: float = GIVE_UP_BUDGET, timeout: float = MATCH_TIMEOUT) -> None:
         self.budget = budget
         self.timeout = timeout
         self.spent: dict[int, float] = {}
+        self.waited: dict[int, float] = {}
 
     def search(self, pattern: Pattern, text: str, uid: int) -> Outcome:
-        """pattern.search(text) for a process of user `uid`, within the bounds.  A time-out
-        with little CPU used is this thread being descheduled, not the text: the search
-        is tried again, a few times, before it is UNDECIDED."""
+        """pattern.search(text) for a process of user `uid`, within the bounds.
+
+        A time-out after NOISE_CPU of CPU or more is the text's doing (an honest search
+        of MATCH_MAX_CHARS takes a small fraction of that): GAVE_UP.  With less, this
+        thread was not run (or waited on page faults): tried again a few times, then
+        UNDECIDED.  Once a user's `spent` or `waited` reaches the budget, that user's
+        further searches end at once with GAVE_UP or UNDECIDED."""
         if self.spent.get(uid, 0.0) >= self.budget:
             return Outcome.GAVE_UP
         for _ in range(_NOISE_RETRIES):
-            cpu = time.thread_time()
+            if self.waited.get(uid, 0.0) >= self.budget:
+                break
+            cpu, wall = time.thread_time(), time.monotonic()
             try:
                 return Outcome.MATCH if pattern.search(text, self.timeout) else Outcome.NO_MATCH
             except TimeoutError:
-                used = time.thread_time() - cpu
-            if used >= self.timeout / 2:
-                self.spent[uid] = self.spent.get(uid, 0.0) + used
+                used, took = time.thread_time() - cpu, time.monotonic() - wall
+            if used >= NOISE_CPU:
+                self.spent[uid] = self.spent.get(uid, 0.0) + took
                 return Outcome.GAVE_UP
+            self.waited[uid] = self.waited.get(uid, 0.0) + took
         return Outcome.UNDECIDED
 
 
