@@ -257,7 +257,8 @@ def test_ranking_real_processes_with_hostile_names_completes(
     procs = [spawn([hostile, "1000"], executable=SLEEP) for _ in range(4)]
     deadline = time.monotonic() + 10
     for p in procs:
-        while procfs.read_cmdline(p.pid)[:1] != (hostile,):
+        while not Path(f"/proc/{p.pid}/cmdline").read_bytes().startswith(
+                hostile.encode() + b"\0"):
             assert time.monotonic() < deadline, "the hostile argv[0] never showed"
             time.sleep(0.005)
     code = textwrap.dedent(f"""
@@ -282,3 +283,22 @@ def test_ranking_real_processes_with_hostile_names_completes(
         assert excluded is None
         assert touched == ["keep: gave up matching this process's text, not applied"]
     print(f"scan + rank with 4 hostile processes: {out['elapsed']:.2f} s")
+
+
+def test_a_huge_cmdline_is_read_only_up_to_its_bound(
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """A user can give a process MiBs of argv (16 arguments of 100 kB here, 1.6 MB);
+    a scan of a thousand such must not hold GiBs: the cmdline is read up to
+    procfs.CMDLINE_MAX bytes, the last argument read cut short."""
+    arg = "x" * 100_000
+    p = spawn([SLEEP, "1000", *([arg] * 16)])
+    deadline = time.monotonic() + 10
+    while len(Path(f"/proc/{p.pid}/cmdline").read_bytes()) < 16 * 100_000:
+        assert time.monotonic() < deadline, "the big argv never showed"
+        time.sleep(0.005)
+    cmdline = procfs.read_cmdline(p.pid)
+    assert cmdline[:2] == (SLEEP, "1000")
+    assert sum(len(a) + 1 for a in cmdline) <= (64 << 10) + 1  # CMDLINE_MAX, 64 KiB
+    assert len(cmdline) == 3 and 0 < len(cmdline[2]) < len(arg) and set(cmdline[2]) == {"x"}
+    c = policy.snapshot(p.pid)
+    assert c is not None and c.cmdline == cmdline

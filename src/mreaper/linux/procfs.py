@@ -33,15 +33,22 @@ class ParseError(ValueError):
         self.path = path
 
 
-def _read_bytes(path: str, pid: int) -> bytes:
+def _read_bytes(path: str, pid: int, limit: int | None = None) -> bytes:
+    """The file's content, or its first `limit` bytes."""
     # os.open/os.read: no buffered file object per read; /proc files of one process
     # are small, and a scan reads several per process.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             chunks = []
-            while chunk := os.read(fd, 65536):
+            left = limit
+            while left is None or left > 0:
+                chunk = os.read(fd, 65536 if left is None else min(65536, left))
+                if not chunk:
+                    break
                 chunks.append(chunk)
+                if left is not None:
+                    left -= len(chunk)
             return b"".join(chunks)
         finally:
             os.close(fd)
@@ -217,17 +224,24 @@ def _other_threads(pid: int, proc: str) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit() and int(n) != pid)
 
 
+# How much of a cmdline is read: argv can reach several MiB (ARG_MAX follows the
+# stack rlimit), and a user with a thousand such processes would make every scan
+# hold GiBs.  Past this, the last argument read is cut short.
+CMDLINE_MAX = 65536
+
+
 def read_cmdline(pid: int, proc: str = PROC) -> tuple[str, ...]:
-    """argv as the process left it (NUL-separated); empty for kernel threads and zombies.
+    """argv as the process left it (NUL-separated), its first CMDLINE_MAX bytes; empty
+    for kernel threads and zombies.
 
     A leader that has exited (pthread_exit) reads empty, as the kernel finds argv
     through the task's mm: then a live thread's cmdline, the same argv, is read."""
-    data = _read_bytes(f"{proc}/{pid}/cmdline", pid)
+    data = _read_bytes(f"{proc}/{pid}/cmdline", pid, CMDLINE_MAX)
     if not data:
         tid = mm_thread(pid, proc)
         if tid is None:
             return ()
-        data = _read_bytes(f"{proc}/{pid}/task/{tid}/cmdline", pid)
+        data = _read_bytes(f"{proc}/{pid}/task/{tid}/cmdline", pid, CMDLINE_MAX)
         if not data:
             return ()
     return tuple(a.decode("utf-8", "backslashreplace") for a in data.rstrip(b"\0").split(b"\0"))
