@@ -346,7 +346,7 @@ class Rule:
     def describe(self) -> str:
         """'avoid name=^Xorg$ uid=0': the action and its matchers, as a config would say."""
         parts = [self.action.value]
-        for field_name in _PATTERN_FIELDS:
+        for field_name in ("name", "cmdline", "exe", "cgroup"):  # as a config lists them
             pattern: Pattern | None = getattr(self, field_name)
             if pattern is not None:
                 parts.append(f"{field_name}={pattern.pattern}")

@@ -186,16 +186,11 @@ def read_status(pid: int, proc: str = PROC) -> Status:
     leader = parse_status(_read_bytes(path, pid), path)
     if leader.has_mm or leader.threads <= 1:
         return leader  # a live leader, a kernel thread, or a real zombie (no thread left)
-    tid = mm_thread(pid, proc)
-    if tid is None:
+    found = _mm_thread_status(pid, proc)
+    if found is None:
         return leader
-    tpath = f"{proc}/{pid}/task/{tid}/status"
-    try:
-        thread = parse_status(_read_bytes(tpath, pid), tpath)
-    except ProcessGone:
-        return leader  # it exited between the two reads: the group is on its way out
-    return replace(thread, name=leader.name, tgid=leader.tgid, uid=leader.uid,
-                   mm_tid=tid if thread.has_mm else 0)
+    tid, thread = found
+    return replace(thread, name=leader.name, tgid=leader.tgid, uid=leader.uid, mm_tid=tid)
 
 
 def mm_thread(pid: int, proc: str = PROC) -> int | None:
@@ -203,13 +198,20 @@ def mm_thread(pid: int, proc: str = PROC) -> int | None:
     does (it called pthread_exit: the kernel keeps it as a zombie, without mm, until
     the last thread exits), or None.  The leader's own cmdline and exe then read empty
     and ENOENT, a live thread's give the process's."""
+    found = _mm_thread_status(pid, proc)
+    return None if found is None else found[0]
+
+
+def _mm_thread_status(pid: int, proc: str) -> tuple[int, Status] | None:
+    """The first thread other than the leader whose status has Vm* lines, and it."""
     for tid in _other_threads(pid, proc):
         path = f"{proc}/{pid}/task/{tid}/status"
         try:
-            if parse_status(_read_bytes(path, pid), path).has_mm:
-                return tid
+            status = parse_status(_read_bytes(path, pid), path)
         except ProcessGone:
             continue  # that thread exited meanwhile: try the next
+        if status.has_mm:
+            return tid, status
     return None
 
 
