@@ -81,6 +81,7 @@ GIVE_UP_BUDGET = 0.25
 NOISE_CPU = 0.002
 _NOISE_RETRIES = 4
 
+_FLAGS = ("IGNORECASE", "MULTILINE", "DOTALL", "VERBOSE", "ASCII", "UNICODE")
 _REPEATS = frozenset({"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"})
 _BACKREFS = frozenset({"GROUPREF", "GROUPREF_EXISTS", "GROUPREF_IGNORE",
                        "GROUPREF_LOC_IGNORE", "GROUPREF_UNI_IGNORE"})
@@ -110,13 +111,20 @@ class Pattern:
         except RecursionError:      # the parser recurses on each nested group
             raise PatternRefused("not a valid regular expression: groups nested too "
                                  "deeply") from None
+        unknown = flags & ~sum(int(getattr(re, flag)) for flag in _FLAGS)
+        if unknown:
+            raise PatternRefused(f"flags {unknown:#x}: only {', '.join(_FLAGS)} are known")
         reason = _unbounded(tree, inside=None)
         if reason is not None:
             raise PatternRefused(reason)
         engine = _engine()
+        # by name: the two modules number some flags differently (ASCII: 256 and 128)
+        engine_flags = engine.VERSION0
+        for flag in _FLAGS:
+            if flags & getattr(re, flag):
+                engine_flags |= getattr(engine, flag)
         try:
-            self._compiled: regex.Pattern[str] = engine.compile(pattern,
-                                                                flags | engine.VERSION0)
+            self._compiled: regex.Pattern[str] = engine.compile(pattern, engine_flags)
         except (engine.error, OverflowError, RecursionError) as e:
             raise PatternRefused(f"not a valid regular expression for the matching engine: "
                                  f"{e}") from None
@@ -210,12 +218,13 @@ def _repeat_text(low: int, high: int) -> str:
 
 
 def _distinct_heads(alternatives: Sequence[Any]) -> bool:
-    """True when every alternative begins with a plain literal character, each its own."""
+    """True when every alternative begins with a plain literal character, each its own
+    even ignoring case (a "(?i)" anywhere makes "a" and "A" the same)."""
     heads = []
     for alt in alternatives:
         if not alt or str(alt[0][0]) != "LITERAL":
             return False
-        heads.append(alt[0][1])
+        heads.append(chr(alt[0][1]).casefold())
     return len(set(heads)) == len(heads)
 
 

@@ -35,6 +35,7 @@ REFUSED = [
     ("(a|aa)*$", "alternatives that can begin alike"),
     ("(a|a)+$", "alternatives that can begin alike"),
     (r"(?:\d|[0-9]x)+$", "alternatives that can begin alike"),
+    ("(?i)(ab|AB)+$", "alternatives that can begin alike"),
     (r"(a)\1", "backreference"),
     (r"(?P<x>a)(?P=x)", "backreference"),
     (r"(a)?(?(1)b|c)", "backreference"),
@@ -83,6 +84,14 @@ def test_usual_patterns_are_accepted_and_keep_re_semantics(tmp_path: Path, patte
     for text in ("sshd", "postgres", "mr-x", "java -jar x.jar", "aaa", "ababx", "Chrome",
                  "/opt/app/bin", "python3 -m x", "", "a.jar:b", "aaaa"):
         assert rule.name.search(text) == (re.search(pattern, text) is not None), text
+
+
+def test_flags_of_a_compiled_re_pattern_keep_their_meaning() -> None:
+    # re and regex number ASCII differently (256, 128): passed by name
+    rule = Rule(Action.AVOID, name=re.compile(r"^\w+$", re.ASCII | re.IGNORECASE))
+    assert rule.name is not None
+    assert rule.name.search("ABC_1") and not rule.name.search("é")
+    assert Rule(Action.AVOID, name=re.compile(r"^\w+$")).name.search("é")  # type: ignore[union-attr]
 
 
 def test_matching_looks_at_the_first_4096_characters_only() -> None:
