@@ -114,7 +114,10 @@ class Pattern:
         unknown = flags & ~sum(int(getattr(re, flag)) for flag in _FLAGS)
         if unknown:
             raise PatternRefused(f"flags {unknown:#x}: only {', '.join(_FLAGS)} are known")
-        reason = _unbounded(tree, inside=None)
+        try:
+            reason = _unbounded(tree, inside=None)
+        except RecursionError:
+            reason = "groups nested too deeply to judge"
         if reason is not None:
             raise PatternRefused(reason)
         engine = _engine()
