@@ -190,7 +190,7 @@ def _unbounded(tree: Any, inside: str | None) -> str | None:
         if name in _REPEATS:
             low, high, body = av
             if inside is not None and low != high:
-                return (f"a repeat of variable count inside the repeat {inside}: matching "
+                return (f"a repeat of variable count inside a repeat ({inside}): matching "
                         "time can grow exponentially with the text, which the process's "
                         "user chooses; write it without the nesting (e.g. a+ for (a+)+)")
             reason = _unbounded(body, inside if inside is not None or high <= 1
@@ -200,7 +200,7 @@ def _unbounded(tree: Any, inside: str | None) -> str | None:
         elif name == "BRANCH":
             alternatives = av[1]
             if inside is not None and not _distinct_heads(alternatives):
-                return (f"alternatives that can begin alike inside the repeat {inside}: "
+                return (f"alternatives that can begin alike inside a repeat ({inside}): "
                         "matching time can grow exponentially with the text; make each "
                         "alternative begin with its own character, or move the repeat")
             reason = next((r for alt in alternatives
@@ -217,7 +217,13 @@ def _unbounded(tree: Any, inside: str | None) -> str | None:
 
 
 def _repeat_text(low: int, high: int) -> str:
-    return f"{{{low},{'' if high > 65535 else high}}}"
+    """A repeat as a pattern would write it: *, +, {2}, {1,3}, {2,}."""
+    unbounded = high > 65535  # sre_parse's MAXREPEAT
+    if unbounded and low <= 1:
+        return "*" if low == 0 else "+"
+    if low == high:
+        return f"{{{low}}}"
+    return f"{{{low},{'' if unbounded else high}}}"
 
 
 def _distinct_heads(alternatives: Sequence[Any]) -> bool:

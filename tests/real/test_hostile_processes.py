@@ -243,7 +243,7 @@ def test_the_evil_rule_is_refused_by_config_and_run(tmp_path: Path) -> None:
                            stdin=subprocess.DEVNULL)
         assert r.returncode == 2, r
         assert f"{path}: rule[1].cmdline = '(a+)+$': a repeat of variable count inside " \
-               "the repeat" in r.stderr, r.stderr
+               "a repeat (+)" in r.stderr, r.stderr
 
 
 def test_ranking_real_processes_with_hostile_names_completes(

@@ -52,7 +52,7 @@ def test_rule_without_matcher_is_invalid() -> None:
     ({"action": Action.AVOID, "uid": True}, "uid=True"),
     ({"action": "avoid", "uid": 0}, "rule action"),
     ({"action": Action.AVOID, "name": 42}, "must be a regular expression"),
-    ({"action": Action.AVOID, "name": "(a+)+$"}, "inside the repeat"),
+    ({"action": Action.AVOID, "name": "(a+)+$"}, "inside a repeat (+)"),
 ])
 def test_rule_validation(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):

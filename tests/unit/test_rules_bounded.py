@@ -27,11 +27,11 @@ from mreaper.policy import Action, Candidate, Outcome, Pattern, PatternRefused, 
 
 # forms refused at load, and the words of the reason
 REFUSED = [
-    ("(a+)+$", "inside the repeat"),
-    (r"(\w+\s?)*$", "inside the repeat"),
-    ("(a*)*b", "inside the repeat"),
-    ("(a+){3}x", "inside the repeat"),
-    ("(x+x+)+y", "inside the repeat"),
+    ("(a+)+$", "inside a repeat"),
+    (r"(\w+\s?)*$", "inside a repeat"),
+    ("(a*)*b", "inside a repeat"),
+    ("(a+){3}x", "inside a repeat"),
+    ("(x+x+)+y", "inside a repeat"),
     ("(a|aa)*$", "alternatives that can begin alike"),
     ("(a|a)+$", "alternatives that can begin alike"),
     (r"(?:\d|[0-9]x)+$", "alternatives that can begin alike"),
