@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import select
+import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from mreaper import __version__, cli_status, config
 from mreaper.cli_history import add_history_parser, cmd_history
-from mreaper.cliargs import seconds_between
+from mreaper.cliargs import (
+    ascii_integer,
+    seconds_between,
+    signed_decimal,
+    signed_integer,
+)
+from mreaper.policy import printable
 from mreaper.reap import (
     KillOptions,
     Victim,
@@ -22,12 +31,19 @@ from mreaper.reap import (
 
 EXIT_USAGE = 2      # bad arguments or a target we refuse: nothing was signalled
 EXIT_FORBIDDEN = 1  # permission denied: nothing was signalled
+EXIT_ZOMBIE = 3     # `kill`: the process had already exited (a zombie): nothing was signalled
+EXIT_PIPE = 128 + signal.SIGPIPE  # 141: our output's reader went away (`| head`), as a
+#                                   shell reports a tool that SIGPIPE killed
 
 
 def _pid(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a process ID (a positive integer)")
-    return int(text)
+    # ASCII digits only: int() takes "\u0662\u0662..." (Arabic-Indic) too, and a PID
+    # the user cannot read back must not name a process
+    pid = ascii_integer(text)
+    if pid is None or pid <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a process ID (a positive integer in ASCII digits)")
+    return pid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_status.add_status_parsers(sub)
 
     d = sub.add_parser("demo", help="show plain SIGKILL against kill-and-reap on a starved hog")
-    d.add_argument("--size", type=int, default=256, metavar="MIB",
+    d.add_argument("--size", type=signed_integer, default=256, metavar="MIB",
                    help="memory the hog allocates, in MiB (default 256)")
     d.add_argument("--json", action="store_true", help="print both kill reports as JSON")
     return p
@@ -72,8 +88,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    help=f"TOML configuration file (default {config.DEFAULT_PATH}, if present)")
     p.add_argument("--dry-run", action="store_true", default=None,
                    help="do everything but the signal; log what would be killed")
-    p.add_argument("--reapers", type=int, metavar="N", help="reaper threads (1-16)")
-    p.add_argument("--term-timeout", type=float, metavar="S",
+    p.add_argument("--reapers", type=signed_integer, metavar="N", help="reaper threads (1-16)")
+    p.add_argument("--term-timeout", type=signed_decimal, metavar="S",
                    help="at the term level: SIGTERM, then SIGKILL after S seconds")
     for section in ("memory", "swap"):
         for level in config.LEVELS:
@@ -132,20 +148,39 @@ def load_config(args: argparse.Namespace) -> config.Config:
     return dataclasses.replace(cfg, rules=rules, origin=f"{file_origin} + command line")
 
 
+def checked_config(args: argparse.Namespace) -> config.Config:
+    """load_config, then what `run` would refuse before it starts, wherever that needs no
+    root and no side effect: the levels against this machine's MemTotal and SwapTotal,
+    metrics without prometheus-client.  `run` (at start and on SIGHUP) and `config` both
+    go through here, so `config` never calls valid what `run` refuses."""
+    from mreaper.linux import procfs
+    from mreaper.sinks import preflight
+
+    cfg = load_config(args)
+    try:
+        mem = procfs.read_meminfo()
+    except (OSError, ValueError) as e:
+        raise config.ConfigError("/proc/meminfo", "MemTotal", None,
+                                 f"cannot read it to check the levels against: {e}") from None
+    config.check_totals(cfg, mem.mem_total, mem.swap_total)
+    preflight(cfg)
+    return cfg
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from mreaper.daemon import Daemon, setup_logging
     from mreaper.sinks import build_sink
 
-    cfg = load_config(args)
+    cfg = checked_config(args)
     setup_logging(cfg.log, args.verbose)
     sink, hooks = build_sink(cfg)
-    daemon = Daemon(cfg, reload=lambda: load_config(args), sink=sink,
+    daemon = Daemon(cfg, reload=lambda: checked_config(args), sink=sink,
                     before_kill=hooks.before_kill if hooks and hooks.pre_kill else None)
     return daemon.run()
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(config.to_toml(load_config(args)), end="")
+    print(config.to_toml(checked_config(args)), end="")
     return 0
 
 
@@ -209,6 +244,12 @@ def cmd_kill(args: argparse.Namespace) -> int:
         print(f"mreaper kill: {e}", file=sys.stderr)
         return EXIT_USAGE
     with victim:
+        if _exited(victim):
+            print(f"mreaper kill: PID {victim.pid} ({printable(victim.name)}) is "
+                  f"already dead: a zombie waiting for its parent (PID {victim.stat.ppid}) "
+                  "to reap it; its memory is already freed, nothing was signalled",
+                  file=sys.stderr)
+            return EXIT_ZOMBIE
         report = kill_and_reap(victim, KillOptions(term_timeout=args.term_timeout,
                                                    mrelease=not args.no_mrelease),
                                reason="mreaper kill")
@@ -216,7 +257,54 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exited(victim: Victim) -> bool:
+    """The whole process has exited and waits to be reaped (a zombie).  A pidfd polls
+    readable exactly then (kernel/pid.c pidfd_poll: the thread group is empty), unlike
+    "State: Z" in /proc, which a leader that called pthread_exit shows while its other
+    threads run on and hold the memory."""
+    return bool(select.select([victim.pidfd], [], [], 0)[0])
+
+
+def _reader_gone(stream: TextIO) -> bool:
+    """`stream`'s file is a pipe (or socket) whose reading end is closed: poll says
+    POLLERR for a pipe without readers (fs/pipe.c pipe_poll), POLLHUP for a socket whose
+    peer is gone."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # replaced by a test harness, or closed
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in poller.poll(0))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """`mreaper`: run the command.  Output into a pipe whose reader left early
+    (`mreaper explain --all | head -1`) ends the command quietly with EXIT_PIPE (141,
+    what a shell reports for a tool killed by SIGPIPE), without a traceback: the rest of
+    the output has nowhere to go.  SIGPIPE itself stays ignored (Python's default), so
+    a closed socket is an error where it happens, never a silent death."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Flushed here, not at interpreter exit, where a BrokenPipeError would only
+            # be printed as "Exception ignored" with exit code 120.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        gone = [s for s in (sys.stdout, sys.stderr) if _reader_gone(s)]
+        if not gone:
+            raise  # not our output: a socket or pipe of the command's own, a bug to see
+        # The Python documentation's recipe (library/signal.html, "Note on SIGPIPE"): point
+        # the dead streams at /dev/null so that the flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in gone:
+            os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        return EXIT_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"kill": cmd_kill, "run": cmd_run, "config": cmd_config, "explain": cmd_explain,
                 "history": cmd_history}

@@ -7,6 +7,7 @@ import json
 import sys
 
 from mreaper import config
+from mreaper.cliargs import ascii_integer
 from mreaper.events import LAST_HELP, STDOUT, HistoryError, history_table, parse_since, read_events
 
 EXIT_USAGE = 2
@@ -14,9 +15,10 @@ EXIT_IO = 1
 
 
 def _last(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
+    last = ascii_integer(text)
+    if last is None or last < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: allowed is {LAST_HELP}")
-    return int(text)
+    return last
 
 
 def _since(text: str) -> str:
@@ -46,34 +48,50 @@ def add_history_parser(
     return h
 
 
+class NoEventsFile(Exception):
+    """No events file to read: none configured, or events go to standard output."""
+
+
+EXAMPLE_EVENTS = "/var/log/mreaper/events.jsonl"
+SHOWN_BAD = 10  # damaged lines reported one by one; the rest are counted
+
+
 def _events_path(args: argparse.Namespace) -> str:
     if args.events:
         return str(args.events)
     cfg = config.load(args.config, required=args.config is not None)
+    conf = args.config or config.DEFAULT_PATH
     if not cfg.events_path:
-        raise HistoryError("--events", None, "no events file: give --events PATH or set "
-                           f"[events] path in {cfg.origin}")
+        where = (f"{conf} does not exist and the built-in defaults record none"
+                 if cfg.origin == "built-in defaults" else f"{conf} has no [events] path")
+        raise NoEventsFile(
+            f"no events file is configured, so there is no history to show ({where}); to "
+            f"record kills and pressure episodes, put [events] path = \"{EXAMPLE_EVENTS}\" "
+            f"in {conf} and restart the daemon; to read a file, give --events PATH")
     if cfg.events_path == STDOUT:
-        raise HistoryError("--events", None, "events go to standard output ([events] path = "
-                           f"\"-\" in {cfg.origin}): give --events PATH")
+        raise NoEventsFile(f"events go to standard output ([events] path = \"-\" in {conf}), "
+                           "not to a file: give --events PATH")
     return cfg.events_path
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     try:
         path = _events_path(args)
-        bad: list[int] = []
+        bad: list[tuple[int, str]] = []
         events = read_events(path, last=args.last, since=args.since, bad_lines=bad)
-    except (HistoryError, config.ConfigError) as e:
+    except (HistoryError, config.ConfigError, NoEventsFile) as e:
         print(f"mreaper history: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
         print(f"mreaper history: {e.filename or path}: {e.strerror}", file=sys.stderr)
         return EXIT_IO
-    if bad:
-        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        print(f"mreaper history: warning: {path}: skipped {len(bad)} unreadable lines "
-              f"({shown})", file=sys.stderr)
+    # Damaged lines are skipped, each named (file:line: what is wrong) so that it can
+    # be found and mended; the good events are shown all the same.
+    for number, problem in bad[:SHOWN_BAD]:
+        print(f"mreaper history: warning: {path}:{number}: skipped: {problem}", file=sys.stderr)
+    if len(bad) > SHOWN_BAD:
+        print(f"mreaper history: warning: {path}: skipped {len(bad) - SHOWN_BAD} more damaged "
+              f"lines ({len(bad)} in all)", file=sys.stderr)
     if args.json:
         for event in events:
             print(json.dumps(event, sort_keys=True))

@@ -91,14 +91,24 @@ class Threshold:
     def __str__(self) -> str:
         if self.percent is not None:
             return f"{_percent_text(self.percent)}%"
-        return str(self.size)
+        assert self.size is not None
+        return size_text(self.size)
 
 
 def _percent_text(pct: float) -> str:
-    """The short form ("10", "2.5") when it is exact, else the float's repr, which reads
-    back as the very same float (to_toml must load back equal)."""
-    short = f"{pct:g}"
-    return short if float(short) == pct else repr(pct)
+    """The float's shortest repr written out without an exponent ("10", "2.5",
+    "0.00001"): it reads back as the very same float (to_toml must load back equal), and
+    a level is written in plain digits."""
+    text = format(Decimal(repr(pct)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def size_text(size: int) -> str:
+    """A size with its unit, exact: "512M", "2G", "4097B" (a level takes no bare number)."""
+    for unit in ("T", "G", "M", "K"):
+        if size and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return f"{size}B"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,37 +133,92 @@ class Level:
     def to_toml(self) -> object:
         if not self.thresholds:
             return "off"
-        items: list[object] = [t.size if t.size is not None else str(t) for t in self.thresholds]
+        items: list[object] = [str(t) for t in self.thresholds]
         return items[0] if len(items) == 1 else items
 
 
-LEVEL_HELP = ("a percentage like \"5%\" (0-100), " + SIZE_HELP +
-              ", a list of both (the lower wins), or \"off\"")
+LEVEL_HELP = ("a percentage like \"5%\", a size with a unit like "
+              "\"512M\", \"2G\", \"1.5GiB\" or \"4096B\" (binary units K, M, G, T; B for "
+              "bytes), a list of both (the lower wins), or \"off\"")
+PERCENT_RANGE = "a percentage must be within 0-100%"
+# re.ASCII: float() also reads "\u0665" (Arabic-Indic), "\uff15" (fullwidth), "5_0",
+# "1e1", "nan" and "inf"; a level is written in ASCII digits or refused
+_PERCENT_RE = re.compile(r"\s*([0-9]{1,20}(?:\.[0-9]{0,400})?|\.[0-9]{1,400})\s*%\s*", re.ASCII)
+_BARE_RE = re.compile(r"\s*[0-9]{1,20}(?:\.[0-9]{0,20})?\s*", re.ASCII)
+# a number, but outside 0-100 ("-1%", "150%", "inf%"): said so rather than "not a level"
+_OUT_OF_RANGE_RE = re.compile(r"\s*(?:-?\s*[0-9]+(?:\.[0-9]*)?|[+-]?inf(?:inity)?)\s*%\s*",
+                              re.IGNORECASE | re.ASCII)
+_HAS_UNIT_RE = re.compile(r"[KMGTB]\s*$", re.IGNORECASE | re.ASCII)
 
 
-def parse_level(value: object, origin: str, key: str) -> Level:
+def _bare_number(origin: str, key: str, value: object, item: object, total: str) -> ConfigError:
+    """A level written as a plain number: earlyoom's -m 5 means 5 %, our size "5" meant 5
+    bytes, so neither reading is taken; the message shows both."""
+    text = f"{item:g}" if isinstance(item, float) else str(item).strip()
+    number = float(text)
+    if "." in text:
+        readings = (f"write \"{text}%\" ({text} % of {total}), or a size with a unit: "
+                    "B, K, M, G or T (e.g. \"512M\")")
+    elif number < 100:
+        readings = (f"write \"{text}%\" ({text} % of {total}) or \"{text}B\" ({text} bytes); "
+                    "sizes take a unit: B, K, M, G or T")
+    else:
+        readings = (f"write \"{text}B\" ({text} bytes, {fmt_bytes(int(number))}) or a "
+                    f"percentage of {total} like \"5%\"; sizes take a unit: B, K, M, G or T")
+    return ConfigError(origin, key, value, f"a bare number is ambiguous: {readings}")
+
+
+def parse_level(value: object, origin: str, key: str, *, total: str = "MemTotal",
+                always_at: float | None = 100.0) -> Level:
+    """A level: "off", a percentage of `total`, a size with a unit, or a list of them.
+
+    A percentage at or above `always_at` is refused: MemAvailable is never above
+    MemTotal (nor SwapFree above SwapTotal, nor a cgroup's headroom above its limit),
+    so such a level would always hold and the daemon would stay at it for good.  None:
+    up to 100 % is fine (psi.gate: 100 % opens the gate always)."""
     if value in ("off", []):
         return Level()
     items = value if isinstance(value, list) else [value]
     out = []
     for item in items:
-        if isinstance(item, str) and item.strip().endswith("%"):
-            try:
-                pct = float(item.strip()[:-1])
-            except ValueError:
-                raise ConfigError(origin, key, value, LEVEL_HELP) from None
-            if not 0 <= pct <= 100:
-                raise ConfigError(origin, key, value, "a percentage must be within 0-100%")
-            out.append(Threshold(percent=pct))
-        elif isinstance(item, list):
+        if isinstance(item, list | bool):
             raise ConfigError(origin, key, value, LEVEL_HELP)
-        else:
-            try:
-                out.append(Threshold(size=parse_size(item, origin, key)))
-            except ConfigError as e:
-                allowed = SIZE_TOO_LARGE if e.allowed == SIZE_TOO_LARGE else LEVEL_HELP
-                raise ConfigError(origin, key, value, allowed) from None
+        if isinstance(item, int | float) or (isinstance(item, str)
+                                              and _BARE_RE.fullmatch(item)):
+            if isinstance(item, int | float) and not (0 <= item < SIZE_LIMIT):
+                raise ConfigError(origin, key, value, LEVEL_HELP)  # negative, nan, inf
+            raise _bare_number(origin, key, value, item, total)
+        if not isinstance(item, str):
+            raise ConfigError(origin, key, value, LEVEL_HELP)
+        if item.strip().endswith("%"):
+            m = _PERCENT_RE.fullmatch(item)
+            if m is None:
+                raise ConfigError(origin, key, value, PERCENT_RANGE
+                                  if _OUT_OF_RANGE_RE.fullmatch(item) else LEVEL_HELP)
+            pct = float(m.group(1))
+            if pct > 100:
+                raise ConfigError(origin, key, value, PERCENT_RANGE)
+            if always_at is not None and pct >= always_at:
+                raise ConfigError(origin, key, value,
+                                  f"{pct:g}% would always hold ({_ALWAYS[total]}), leaving the "
+                                  "daemon at this level for good: give a percentage below "
+                                  f"{always_at:g}%, or \"off\"")
+            out.append(Threshold(percent=pct))
+            continue
+        if not _HAS_UNIT_RE.search(item):
+            raise ConfigError(origin, key, value, LEVEL_HELP)
+        try:
+            out.append(Threshold(size=parse_size(item, origin, key)))
+        except ConfigError as e:
+            allowed = SIZE_TOO_LARGE if e.allowed == SIZE_TOO_LARGE else LEVEL_HELP
+            raise ConfigError(origin, key, value, allowed) from None
     return Level(tuple(out))
+
+
+_TOTAL_OF = {"memory": "MemTotal", "swap": "SwapTotal"}
+_ALWAYS = {"MemTotal": "MemAvailable is never above MemTotal",
+           "SwapTotal": "SwapFree is never above SwapTotal",
+           "the cgroup's limit": "a cgroup's headroom is never above its limit"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,7 +578,8 @@ def apply(base: Config, data: Mapping[str, Any], origin: str, *, rule_start: int
             levels = dict(getattr(base, section))
             for lvl in LEVELS:
                 if lvl in s:
-                    levels[lvl] = parse_level(s[lvl], origin, f"{section}.{lvl}")
+                    levels[lvl] = parse_level(s[lvl], origin, f"{section}.{lvl}",
+                                              total=_TOTAL_OF[section])
             changes[section] = levels
     p = _table(origin, data, "psi")
     _unknown(origin, "psi", p, (*LEVELS, "gate"))
@@ -524,7 +590,8 @@ def apply(base: Config, data: Mapping[str, Any], origin: str, *, rule_start: int
                 triggers[lvl] = parse_psi(p[lvl], origin, f"psi.{lvl}")
         changes["psi"] = triggers
     if "gate" in p:
-        changes["psi_gate"] = parse_level(p["gate"], origin, "psi.gate")
+        # 100 % is meaningful here: the gate always open (PSI always counts)
+        changes["psi_gate"] = parse_level(p["gate"], origin, "psi.gate", always_at=None)
 
     k = _table(origin, data, "kill")
     _unknown(origin, "kill", k, _KILL_KEYS)
@@ -751,7 +818,7 @@ def _scope(origin: str, index: int, sc: object) -> ScopeConfig:
         for lvl, value in table.items():
             k = f"{where}.{key}.{lvl}"
             if key == "headroom":
-                merged[lvl] = parse_level(value, origin, k)
+                merged[lvl] = parse_level(value, origin, k, total="the cgroup's limit")
             elif key == "psi":
                 merged[lvl] = parse_psi(value, origin, k)
             else:
@@ -778,6 +845,30 @@ def _check_coherence(cfg: Config,
                           f"must not exceed detect.poll_max ({cfg.poll_max:g})")
     for section in ("memory", "swap"):
         _check_order(origin, section, getattr(cfg, section), (given or {}).get(section, {}))
+
+
+def check_totals(cfg: Config, mem_total: int, swap_total: int) -> None:
+    """The levels against this machine's MemTotal and SwapTotal (known at run start, not
+    at parse): a level at or above its total always holds, since MemAvailable never
+    exceeds MemTotal nor SwapFree SwapTotal, and would leave the daemon at that level
+    for good (a kill level: killing one process after another).  Percentages are below
+    100 % by parse_level; this catches the sizes ("40G" on a 16 GiB machine).  Without
+    swap (SwapTotal 0) the swap source is neutral (detect.source_states): not checked."""
+    for section, total, name, figure in (
+            ("memory", mem_total, "MemTotal", "MemAvailable"),
+            ("swap", swap_total, "SwapTotal", "SwapFree")):
+        if total <= 0:
+            continue
+        levels: Mapping[str, Level] = getattr(cfg, section)
+        for lvl in LEVELS:
+            bound = levels[lvl].bytes_of(total)
+            if bound is not None and bound >= total:
+                raise ConfigError(
+                    cfg.origin, f"{section}.{lvl}", levels[lvl].to_toml(),
+                    f"{fmt_bytes(bound)} is at or above this machine's {name} "
+                    f"({fmt_bytes(total)}): {figure} is never above {name}, so the level "
+                    f"would always hold and the daemon would stay at it for good; give a "
+                    f"size below {size_text(total)} or a percentage below 100%")
 
 
 _NOMINAL_TOTALS = ((1 << 30, "1 GiB"), (1 << 40, "1 TiB"))

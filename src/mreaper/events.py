@@ -13,6 +13,7 @@ import datetime as dt
 import errno
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -135,8 +136,9 @@ class HistoryError(ValueError):
 SINCE_HELP = ("an ISO date/time (e.g. 2026-05-09, 2026-05-09T14:30, "
               "\"2026-05-09 14:30:00+02:00\"; without a zone: local time) or a time back "
               "from now: a number with s, m, h or d (e.g. 90s, 10m, 2h, 1d)")
-LAST_HELP = "a positive whole number of events"
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+LAST_HELP = "a positive whole number of events (ASCII digits)"
+# re.ASCII: \d would take "\u0665" (Arabic-Indic five) and float() would read it
+_RELATIVE = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,12})?)\s*([smhd])\s*$", re.ASCII)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -155,12 +157,13 @@ def parse_since(value: str, now: float | None = None) -> float:
 
 
 def read_events(path: str, last: int | None = None, since: str | float | None = None, *,
-                now: float | None = None, bad_lines: list[int] | None = None,
+                now: float | None = None, bad_lines: list[tuple[int, str]] | None = None,
                 ) -> list[dict[str, Any]]:
     """The events in `path` ("-": standard input), oldest first: those at or after
     `since` (an ISO time, "10m"/"2h"/"1d", or seconds since the epoch), of them the
-    `last` N.  Lines that are not a JSON object are skipped; their numbers are appended
-    to `bad_lines` if given.  Raises HistoryError for bad arguments, OSError for the file."""
+    `last` N.  Damaged lines (see `damage`) are skipped; (line number, what is wrong)
+    is appended to `bad_lines` for each, if given.  Raises HistoryError for bad
+    arguments, OSError for the file."""
     if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
         raise HistoryError("--last", last, LAST_HELP)
     cutoff = since if since is None or isinstance(since, int | float) else parse_since(since, now)
@@ -173,21 +176,58 @@ def read_events(path: str, last: int | None = None, since: str | float | None = 
     return list(kept)
 
 
+# The times `datetime.fromtimestamp` can show in any zone: from the epoch to the end of
+# year 9999 less a day (a zone's offset).  1e20 overflows time_t, NaN is no time at all.
+WALL_MIN, WALL_MAX = 0.0, 253_402_214_400.0
+
+
+def damage(event: object) -> str | None:
+    """What is wrong with one decoded line, or None: an event is a JSON object whose
+    "event" is a string and whose "wall_time" is a time (seconds since the epoch, within
+    1970-9999, finite).  The other fields are shown as they are, or "?" (see `_row`)."""
+    if not isinstance(event, dict):
+        return f"not a JSON object but {type(event).__name__ if event is not None else 'null'}"
+    kind = event.get("event")
+    if not isinstance(kind, str):
+        return '"event" is missing or not a string' if kind is None else \
+            f'"event" is {_shown(kind)}, not a string'
+    wall = event.get("wall_time")
+    if wall is None:
+        return '"wall_time" is missing'
+    if isinstance(wall, bool) or not isinstance(wall, int | float):
+        return f'"wall_time" is {_shown(wall)}, not a number'
+    if not WALL_MIN <= wall <= WALL_MAX:  # NaN compares false: refused too
+        return (f'"wall_time" is {_shown(wall)}: not a time (seconds since the epoch, '
+                f"{WALL_MIN:.0f} to {WALL_MAX:.0f})")
+    return None
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    try:
+        text = json.dumps(value)  # the value as the file has it: 1e+20, NaN, "x"
+    except (ValueError, RecursionError):
+        text = type(value).__name__
+    return _printable(text, limit)
+
+
 def _select(lines: Iterable[bytes], cutoff: float | None,
-            bad_lines: list[int] | None) -> Iterator[dict[str, Any]]:
+            bad_lines: list[tuple[int, str]] | None) -> Iterator[dict[str, Any]]:
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
             event = json.loads(raw)
-        except ValueError:
-            event = None
-        if not isinstance(event, dict):
+        except ValueError as e:  # bad JSON, bad UTF-8, an integer of over 4300 digits
+            problem: str | None = f"not JSON ({_printable(str(e), 80)})"
+        except RecursionError:  # "[[[[...": json recurses on each nesting
+            problem = "not JSON (nested too deeply)"
+        else:
+            problem = damage(event)
+        if problem is not None:
             if bad_lines is not None:
-                bad_lines.append(number)
+                bad_lines.append((number, problem))
             continue
-        wall = event.get("wall_time")
-        if cutoff is not None and (not isinstance(wall, int | float) or wall < cutoff):
+        if cutoff is not None and event["wall_time"] < cutoff:
             continue
         yield event
 
@@ -213,29 +253,42 @@ def history_table(events: Iterable[Mapping[str, Any]]) -> str:
 
 
 def _row(e: Mapping[str, Any]) -> tuple[str, ...]:
-    wall = e.get("wall_time")
+    wall = _finite(e.get("wall_time"))
     when = (dt.datetime.fromtimestamp(wall).strftime("%Y-%m-%d %H:%M:%S")
-            if isinstance(wall, int | float) else "?")
+            if wall is not None and WALL_MIN <= wall <= WALL_MAX else "?")
     scope = _printable(str(e.get("scope", "?")))
     kind = _printable(str(e.get("event", "?")))
     if kind == "kill":
         holdings = e.get("holdings")
-        rss = holdings.get("vm_rss") if isinstance(holdings, Mapping) else None
-        ktf = e.get("kill_to_free_s")
-        freed = e.get("freed_bytes")
-        return (when, scope, kind, f"{e.get('pid', '?')} {_printable(str(e.get('name', '')))}",
-                fmt_bytes(rss if isinstance(rss, int) else None),
+        rss = _finite(holdings.get("vm_rss")) if isinstance(holdings, Mapping) else None
+        ktf = _finite(e.get("kill_to_free_s"))
+        freed = _finite(e.get("freed_bytes"))
+        return (when, scope, kind,
+                f"{_printable(str(e.get('pid', '?')), 12)} {_printable(str(e.get('name', '')))}",
+                fmt_bytes(int(rss) if rss is not None else None),
                 _printable(str(e.get("mrelease", "?"))),
-                f"{ktf * 1000:.1f}" if isinstance(ktf, int | float) else "?",
-                fmt_bytes(freed if isinstance(freed, int) else None))
+                f"{ktf * 1000:.1f}" if ktf is not None else "?",
+                fmt_bytes(int(freed) if freed is not None else None))
     if kind == "episode":
         phase = _printable(str(e.get("phase", "?")))
-        duration = e.get("duration_s")
+        duration = _finite(e.get("duration_s"))
         outcome = (f"after {duration:.1f} s" if phase != "start" and
-                   isinstance(duration, int | float) else "")
+                   duration is not None else "")
         return (when, scope, kind, f"{phase}/{_printable(str(e.get('severity', '?')))}", "",
                 outcome, "", "")
     return (when, scope, kind, "", "", "", "", "")
+
+
+def _finite(value: object) -> float | None:
+    """A number a row can show, else None ("?"): not a bool, not NaN or infinite, not an
+    integer too large for a float (float(10**400) raises OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and abs(number) < 2.0**63 else None
 
 
 def _printable(text: str, limit: int = 40) -> str:

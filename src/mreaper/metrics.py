@@ -43,6 +43,18 @@ class MetricsUnavailable(RuntimeError):
     """Metrics are configured but the prometheus-client package is not installed."""
 
 
+def require_client(listen: str, textfile: str) -> None:
+    """Raise MetricsUnavailable, saying how to install it, without prometheus_client.
+    `mreaper config` calls this too, so a configuration it calls valid is one `run`
+    starts with."""
+    try:
+        import prometheus_client  # noqa: F401 - imported to know it can be
+    except ImportError:
+        raise MetricsUnavailable(
+            f"metrics are configured (listen {listen!r}, textfile {textfile!r}) but the "
+            f"Python package prometheus-client is missing: {INSTALL_HINT}") from None
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """"HOST:PORT", "[V6]:PORT" or a bare "PORT" (on 127.0.0.1) -> (host, port)."""
     m = _LISTEN_RE.match(listen.strip())
@@ -82,12 +94,9 @@ class MetricsSink:
 
     def __init__(self, listen: str = DEFAULT_LISTEN, textfile: str = "", *,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        try:
-            import prometheus_client as pc
-        except ImportError:
-            raise MetricsUnavailable(
-                f"metrics are configured (listen {listen!r}, textfile {textfile!r}) but the "
-                f"Python package prometheus-client is missing: {INSTALL_HINT}") from None
+        require_client(listen, textfile)
+        import prometheus_client as pc
+
         self._pc = pc
         self.listen = listen
         self.textfile = textfile

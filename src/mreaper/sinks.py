@@ -41,6 +41,22 @@ def build_sink(cfg: Config) -> tuple[Sink, Hooks | None]:
     return Fanout(sinks), hooks
 
 
+def preflight(cfg: Config) -> None:
+    """What build_sink would refuse, checked without its side effects (no events file
+    created, no port bound, no textfile written): today, metrics configured without
+    prometheus-client.  `mreaper config` runs it, so that a configuration it calls
+    valid is not refused by `run` (contrib/install.sh validates with `config`)."""
+    if cfg.metrics_listen or cfg.metrics_textfile:
+        from mreaper.metrics import MetricsUnavailable, require_client
+
+        key, value = (("metrics.listen", cfg.metrics_listen) if cfg.metrics_listen
+                      else ("metrics.textfile", cfg.metrics_textfile))
+        try:
+            require_client(cfg.metrics_listen, cfg.metrics_textfile)
+        except MetricsUnavailable as e:
+            raise ConfigError(cfg.origin, key, value, str(e)) from None
+
+
 def _metrics(cfg: Config) -> Sink:
     from mreaper.metrics import MetricsSink, MetricsUnavailable
 

@@ -229,7 +229,7 @@ def test_events_on_a_full_disk(tiny_disk: Path, real_report: KillReport,
     sink.kill(real_report, "machine")  # space is back: the next line is written whole
     sink.episode(Episode("machine", "end", "kill", "over", time.time(), 1.0, None))
     sink.close()
-    bad: list[int] = []
+    bad: list[tuple[int, str]] = []
     events = read_events(str(path), bad_lines=bad)
     assert bad == []
     assert [e["event"] for e in events] == ["kill"] * (written + 1) + ["episode"]

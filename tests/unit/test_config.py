@@ -25,8 +25,9 @@ GiB = 1 << 30
 
 SIZE_HELP = ('a size like "512M", "2G", "1.5GiB" or a number of bytes '
              "(binary units K, M, G, T)")
-LEVEL_HELP = ('a percentage like "5%" (0-100), ' + SIZE_HELP
-              + ', a list of both (the lower wins), or "off"')
+LEVEL_HELP = ('a percentage like "5%", a size with a unit like "512M", "2G", "1.5GiB" or '
+              '"4096B" (binary units K, M, G, T; B for bytes), a list of both (the lower '
+              'wins), or "off"')
 PERCENT_RANGE = "a percentage must be within 0-100%"
 PSI_HELP = ('"some|full <stall_us> <window_us>" with the window 500000-10000000 us '
             'and 0 < stall <= window (e.g. "full 300000 1000000"), or "off"')
@@ -149,7 +150,7 @@ scan_interval = 600
 [memory]
 warn = ["20%", "4G"]
 term = "off"
-kill = 1048576
+kill = "1048576B"
 
 [swap]
 warn = "off"
@@ -266,15 +267,15 @@ def test_parse_size(value: object, expected: int) -> None:
     ([], Level()),
     ("5%", Level((Threshold(percent=5.0),))),
     ("0%", Level((Threshold(percent=0.0),))),
-    ("100%", Level((Threshold(percent=100.0),))),
+    ("99.5%", Level((Threshold(percent=99.5),))),
     ("2.5%", Level((Threshold(percent=2.5),))),
     (" 7 % ", Level((Threshold(percent=7.0),))),
     ("512M", Level((Threshold(size=512 * MiB),))),
-    (1024, Level((Threshold(size=1024),))),
-    (0, Level((Threshold(size=0),))),
+    ("1024B", Level((Threshold(size=1024),))),
+    ("0B", Level((Threshold(size=0),))),
     (["5%", "1G"], Level((Threshold(percent=5.0), Threshold(size=GiB)))),
-    (["1G", "5%", 100], Level((Threshold(size=GiB), Threshold(percent=5.0),
-                               Threshold(size=100)))),
+    (["1G", "5%", "100B"], Level((Threshold(size=GiB), Threshold(percent=5.0),
+                                  Threshold(size=100)))),
 ])
 def test_parse_level(value: object, expected: Level) -> None:
     assert config.parse_level(value, "o", "k") == expected
@@ -292,8 +293,11 @@ def test_level_lists_the_lower_wins() -> None:
 
 def test_level_to_toml() -> None:
     assert config.parse_level("5%", "o", "k").to_toml() == "5%"
-    assert config.parse_level("512M", "o", "k").to_toml() == 512 * MiB
-    assert config.parse_level(["5%", "1G"], "o", "k").to_toml() == ["5%", GiB]
+    assert config.parse_level("512M", "o", "k").to_toml() == "512M"
+    assert config.parse_level(["5%", "1G"], "o", "k").to_toml() == ["5%", "1G"]
+    assert config.parse_level("1.5G", "o", "k").to_toml() == "1536M"
+    assert config.parse_level("4097B", "o", "k").to_toml() == "4097B"
+    assert config.parse_level("0.00001%", "o", "k").to_toml() == "0.00001%"
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -553,7 +557,9 @@ BAD: list[tuple[str, str, str]] = [
      f"memory.kill = '-5': {LEVEL_HELP}"),
     ("memory-kill-minus-5-int", "[memory]\nkill = -5\n", f"memory.kill = -5: {LEVEL_HELP}"),
     ("memory-warn-bool", "[memory]\nwarn = true\n", f"memory.warn = True: {LEVEL_HELP}"),
-    ("memory-warn-float", "[memory]\nwarn = 1.5\n", f"memory.warn = 1.5: {LEVEL_HELP}"),
+    ("memory-warn-float", "[memory]\nwarn = 1.5\n",
+     'memory.warn = 1.5: a bare number is ambiguous: write "1.5%" (1.5 % of MemTotal), or a '
+     'size with a unit: B, K, M, G or T (e.g. "512M")'),
     ("memory-warn-empty-string", '[memory]\nwarn = ""\n', f"memory.warn = '': {LEVEL_HELP}"),
     ("memory-term-nested-list", '[memory]\nterm = [["5%"]]\n',
      f"memory.term = [['5%']]: {LEVEL_HELP}"),
@@ -895,3 +901,104 @@ def test_bug_to_toml_keeps_percent_precision(tmp_path: Path) -> None:
     cfg = config.apply(Config(), {"memory": {"warn": "12.3456789%"}}, "o")
     loaded = config.load(write(tmp_path, config.to_toml(cfg)), required=True)
     assert loaded.memory == cfg.memory
+
+
+# --- levels take a unit, ASCII digits, and never a level that always holds (issue 11) -------
+
+BARE_SMALL = ('a bare number is ambiguous: write "5%" (5 % of MemTotal) or "5B" (5 bytes); '
+              "sizes take a unit: B, K, M, G or T")
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ("[memory]\nkill = 5\n", f"memory.kill = 5: {BARE_SMALL}"),
+    ('[memory]\nkill = "5"\n', f"memory.kill = '5': {BARE_SMALL}"),
+    ('[memory]\nkill = ["5", "1G"]\n', f"memory.kill = ['5', '1G']: {BARE_SMALL}"),
+    ("[swap]\nkill = 2\n",
+     'swap.kill = 2: a bare number is ambiguous: write "2%" (2 % of SwapTotal) or "2B" '
+     "(2 bytes); sizes take a unit: B, K, M, G or T"),
+    ("[memory]\nkill = 536870912\n",
+     'memory.kill = 536870912: a bare number is ambiguous: write "536870912B" (536870912 '
+     'bytes, 512.0 MiB) or a percentage of MemTotal like "5%"; sizes take a unit: B, K, M, '
+     "G or T"),
+    ('[psi]\ngate = "20"\n',
+     "psi.gate = '20': a bare number is ambiguous: write \"20%\" (20 % of MemTotal) or "
+     '"20B" (20 bytes); sizes take a unit: B, K, M, G or T'),
+    ('[[scope]]\nname = "w"\ncgroup = "w"\nheadroom = { kill = 3 }\n',
+     "scope[1].headroom.kill = 3: a bare number is ambiguous: write \"3%\" (3 % of the "
+     "cgroup's limit) or \"3B\" (3 bytes); sizes take a unit: B, K, M, G or T"),
+])
+def test_a_bare_number_level_is_refused_with_both_readings(tmp_path: Path, doc: str,
+                                                          message: str) -> None:
+    """`kill = 5` was 5 bytes, silently; earlyoom's `-m 5` is 5 %: neither is guessed."""
+    path = write(tmp_path, doc)
+    with pytest.raises(ConfigError) as info:
+        config.load(path, required=True)
+    assert str(info.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("value", ["\u0665%", "\uff15%", "5_0%", "1e1%", "\u0665M", "\uff15G",
+                                   "\u0665", " 5 0%", "0x10%", "+5%"])
+def test_a_level_in_other_than_ascii_digits_is_refused(value: str) -> None:
+    """float() reads an Arabic-Indic or fullwidth five, "5_0" and "1e1": a level does not."""
+    with pytest.raises(ConfigError) as info:
+        config.parse_level(value, "o", "memory.kill")
+    assert info.value.allowed == LEVEL_HELP
+
+
+@pytest.mark.parametrize(("section", "always"), [
+    ("memory", "MemAvailable is never above MemTotal"),
+    ("swap", "SwapFree is never above SwapTotal")])
+@pytest.mark.parametrize("level", ["warn", "term", "kill"])
+def test_a_percentage_of_100_is_refused_as_always_holding(tmp_path: Path, section: str,
+                                                          always: str, level: str) -> None:
+    path = write(tmp_path, f'[{section}]\nwarn = "off"\nterm = "off"\nkill = "off"\n'
+                           f'{level} = "100%"\n'.replace(f'{level} = "off"\n', "", 1))
+    with pytest.raises(ConfigError) as info:
+        config.load(path, required=True)
+    assert str(info.value) == (
+        f"{path}: {section}.{level} = '100%': 100% would always hold ({always}), leaving the "
+        'daemon at this level for good: give a percentage below 100%, or "off"')
+
+
+def test_headroom_of_100_percent_is_refused_and_a_gate_of_100_percent_is_not() -> None:
+    with pytest.raises(ConfigError, match=r"headroom.kill = '100%': 100% would always hold "
+                                          r"\(a cgroup's headroom is never above its limit\)"):
+        config.apply(Config(), {"scope": [{"name": "w", "cgroup": "w",
+                                           "headroom": {"kill": "100%"}}]}, "o")
+    # psi.gate = 100 %: the gate always open, PSI always counts: a meaning, not a mistake
+    cfg = config.apply(Config(), {"psi": {"gate": "100%"}}, "o")
+    assert cfg.psi_gate.bytes_of(GiB) == GiB
+
+
+def test_levels_at_or_above_this_machines_total_are_refused() -> None:
+    """A size is only known too large against MemTotal/SwapTotal, at run start."""
+    cfg = config.apply(Config(), {"memory": {"warn": "40G", "term": "off", "kill": "1G"}}, "o")
+    config.check_totals(cfg, 64 * GiB, 0)   # a 64 GiB machine: fine
+    with pytest.raises(ConfigError) as info:
+        config.check_totals(cfg, 16 * GiB, 0)
+    assert str(info.value) == (
+        "o: memory.warn = '40G': 40.0 GiB is at or above this machine's MemTotal (16.0 GiB): "
+        "MemAvailable is never above MemTotal, so the level would always hold and the daemon "
+        "would stay at it for good; give a size below 16G or a percentage below 100%")
+    kill = config.apply(Config(), {"memory": {"warn": "off", "term": "off", "kill": "1G"}}, "o")
+    with pytest.raises(ConfigError, match=r"^o: memory.kill = '1G': 1.0 GiB is at or above"):
+        config.check_totals(kill, GiB, 0)  # equal: MemAvailable <= MemTotal, always
+    # a list: the lower wins, so ["5%", "40G"] is 5 % wherever 40G is more
+    listed = config.apply(Config(), {"memory": {"warn": ["10%", "40G"], "term": "off"}}, "o")
+    config.check_totals(listed, 16 * GiB, 0)
+    swap = config.apply(Config(), {"swap": {"warn": "8G", "term": "off", "kill": "off"}}, "o")
+    config.check_totals(swap, 16 * GiB, 0)  # no swap: the swap source is neutral
+    with pytest.raises(ConfigError, match=r"swap.warn = '8G': 8.0 GiB is at or above this "
+                                          r"machine's SwapTotal \(4.0 GiB\): SwapFree"):
+        config.check_totals(swap, 16 * GiB, 4 * GiB)
+
+
+@given(st.integers(min_value=0, max_value=(1 << 62)),
+       st.floats(min_value=0, max_value=99.999, allow_nan=False))
+@settings(max_examples=200, deadline=None)
+def test_levels_write_back_with_units_and_load_back_equal(size: int, pct: float) -> None:
+    """to_toml writes every level with its unit (a bare number would now be refused)."""
+    level = config.parse_level([f"{size}B", f"{config._percent_text(pct)}%"], "o", "k")
+    written = level.to_toml()
+    assert isinstance(written, list) and all(isinstance(w, str) for w in written)
+    assert config.parse_level(written, "o", "k") == level

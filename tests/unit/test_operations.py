@@ -100,7 +100,7 @@ def test_events_a_failed_write_leaves_no_partial_line(tmp_path: Path,
     monkeypatch.setattr(os, "write", real_write)
     sink.episode(episode("end"))  # reopened, whole
     sink.close()
-    bad: list[int] = []
+    bad: list[tuple[int, str]] = []
     assert [e["phase"] for e in read_events(str(path), bad_lines=bad)] == ["start", "end"]
     assert bad == []
 
@@ -182,9 +182,10 @@ def test_read_events_skips_unreadable_lines(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     good = json.dumps(episode().to_dict())
     path.write_text(f"{good}\n{{\"event\": \"kill\", \"pi\n[1, 2]\n\n{good}\n")
-    bad: list[int] = []
+    bad: list[tuple[int, str]] = []
     assert len(read_events(str(path), bad_lines=bad)) == 2
-    assert bad == [2, 3]
+    assert [number for number, _ in bad] == [2, 3]
+    assert bad[0][1].startswith("not JSON") and bad[1][1] == "not a JSON object but list"
 
 
 def test_history_table(tmp_path: Path) -> None:

@@ -186,8 +186,9 @@ KNOWN_SCOPE_KEYS = ("unknown key; known here: name, cgroup, when, headroom, psi,
                     "select")
 KNOWN_LEVELS = "unknown key; known here: warn, term, kill"
 TABLE_HELP = "a table with warn, term and/or kill"
-LEVEL_HELP = ('a percentage like "5%" (0-100), a size like "512M", "2G", "1.5GiB" or a number '
-              'of bytes (binary units K, M, G, T), a list of both (the lower wins), or "off"')
+LEVEL_HELP = ('a percentage like "5%", a size with a unit like "512M", "2G", "1.5GiB" or '
+              '"4096B" (binary units K, M, G, T; B for bytes), a list of both (the lower '
+              'wins), or "off"')
 PSI_HELP = ('"some|full <stall_us> <window_us>" with the window 500000-10000000 us and '
             '0 < stall <= window (e.g. "full 300000 1000000"), or "off"')
 EVENTS_HELP = "a list of memory.events counters: low, high, max, oom, oom_kill, oom_group_kill"
