@@ -868,7 +868,7 @@ def check_totals(cfg: Config, mem_total: int, swap_total: int) -> None:
                     f"{fmt_bytes(bound)} is at or above this machine's {name} "
                     f"({fmt_bytes(total)}): {figure} is never above {name}, so the level "
                     f"would always hold and the daemon would stay at it for good; give a "
-                    f"size below {size_text(total)} or a percentage below 100%")
+                    f"size below {name} or a percentage below 100%")
 
 
 _NOMINAL_TOTALS = ((1 << 30, "1 GiB"), (1 << 40, "1 TiB"))

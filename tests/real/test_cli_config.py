@@ -15,14 +15,17 @@ import pytest
 
 from mreaper import cli, config
 from mreaper.config import Config
+from mreaper.linux import procfs
+from mreaper.reap import fmt_bytes
 
 MREAPER = Path(sys.executable).with_name("mreaper")
 pytestmark = pytest.mark.skipif(not MREAPER.exists(), reason=f"no {MREAPER} (pip install -e .)")
 
 SIZE_HELP = ('a size like "512M", "2G", "1.5GiB" or a number of bytes '
              "(binary units K, M, G, T)")
-LEVEL_HELP = ('a percentage like "5%" (0-100), ' + SIZE_HELP
-              + ', a list of both (the lower wins), or "off"')
+LEVEL_HELP = ('a percentage like "5%", a size with a unit like "512M", "2G", "1.5GiB" or '
+              '"4096B" (binary units K, M, G, T; B for bytes), a list of both (the lower '
+              'wins), or "off"')
 PERCENT_RANGE = "a percentage must be within 0-100%"
 PSI_HELP = ('"some|full <stall_us> <window_us>" with the window 500000-10000000 us '
             'and 0 < stall <= window (e.g. "full 300000 1000000"), or "off"')
@@ -77,6 +80,16 @@ BAD_FLAGS: list[tuple[str, list[str], str]] = [
     ("memory-term-list-bad-item", ["--memory-term", "5%,12X"],
      f"{CL}: memory.term = ['5%', '12X']: {LEVEL_HELP}"),
     ("memory-kill-empty", ["--memory-kill", ""], f"{CL}: memory.kill = '': {LEVEL_HELP}"),
+    ("memory-kill-bare-5", ["--memory-kill", "5"],
+     f"{CL}: memory.kill = '5': a bare number is ambiguous: write \"5%\" (5 % of MemTotal) "
+     'or "5B" (5 bytes); sizes take a unit: B, K, M, G or T'),
+    ("memory-kill-100%", ["--memory-kill", "100%"],
+     f"{CL}: memory.kill = '100%': 100% would always hold (MemAvailable is never above "
+     'MemTotal), leaving the daemon at this level for good: give a percentage below 100%, '
+     'or "off"'),
+    ("memory-kill-arabic-indic-5%", ["--memory-kill", "\u0665%"],
+     f"{CL}: memory.kill = '\u0665%': {LEVEL_HELP}"),
+    ("memory-kill-5_0%", ["--memory-kill", "5_0%"], f"{CL}: memory.kill = '5_0%': {LEVEL_HELP}"),
     ("memory-kill-above-term", ["--memory-kill", "6%"],
      f"{CL}: memory.kill = '6%': must be at or below memory.term (5%)"),
     ("swap-term-above-warn", ["--swap-term", "50%"],
@@ -108,8 +121,6 @@ BAD_FLAGS: list[tuple[str, list[str], str]] = [
      f"{CL}: kill.term_timeout = -1.0: {TIMEOUT_HELP}"),
     ("term-timeout-3601", ["--term-timeout", "3601"],
      f"{CL}: kill.term_timeout = 3601.0: {TIMEOUT_HELP}"),
-    ("term-timeout-nan", ["--term-timeout", "nan"],
-     f"{CL}: kill.term_timeout = nan: {TIMEOUT_HELP}"),
     ("prefer-bad-regex", ["--prefer", "("],
      f"{CL}: rule[1].name = '(': not a valid regular expression: missing ), unterminated "
      "subpattern at position 0"),
@@ -145,10 +156,18 @@ def test_bad_flag_in_explain(empty: str) -> None:
 
 # (id, flags, a phrase of argparse's message)
 ARGPARSE: list[tuple[str, list[str], str]] = [
-    ("reapers-abc", ["--reapers", "abc"], "argument --reapers: invalid int value: 'abc'"),
-    ("reapers-float", ["--reapers", "2.5"], "argument --reapers: invalid int value: '2.5'"),
+    ("reapers-abc", ["--reapers", "abc"],
+     "argument --reapers: 'abc' is not a whole number (ASCII digits)"),
+    ("reapers-float", ["--reapers", "2.5"],
+     "argument --reapers: '2.5' is not a whole number (ASCII digits)"),
+    ("reapers-arabic-indic", ["--reapers", "\u0664"],
+     "argument --reapers: '\u0664' is not a whole number (ASCII digits)"),
     ("term-timeout-abc", ["--term-timeout", "abc"],
-     "argument --term-timeout: invalid float value: 'abc'"),
+     "argument --term-timeout: 'abc' is not a number (ASCII digits, e.g. 5 or 0.5)"),
+    ("term-timeout-nan", ["--term-timeout", "nan"],
+     "argument --term-timeout: 'nan' is not a number (ASCII digits, e.g. 5 or 0.5)"),
+    ("term-timeout-fullwidth", ["--term-timeout", "\uff15"],
+     "argument --term-timeout: '\uff15' is not a number (ASCII digits, e.g. 5 or 0.5)"),
     ("memory-kill-missing", ["--memory-kill"], "argument --memory-kill: expected one argument"),
     ("memory-kill-dash-value", ["--memory-kill", "-1%"],
      "argument --memory-kill: expected one argument"),
@@ -402,3 +421,65 @@ def test_running_children_survive_all_of_this(spawn: Spawn) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("mreaper run: ")
     assert bystander.poll() is None
+
+
+# --- `config` refuses what `run` refuses (issue 11): install.sh validates with `config` -----
+
+
+def run_both(args: list[str], spawn: Spawn, env: dict[str, str] | None = None
+             ) -> dict[str, subprocess.CompletedProcess[str]]:
+    """`config ARGS` and `run ARGS --dry-run`, with a bystander that `run` must not kill."""
+    bystander = spawn(["sleep", "1000"])
+    out = {}
+    for command in ("config", "run"):
+        out[command] = subprocess.run([str(MREAPER), *command_args(command, args)],
+                                      stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                      timeout=60, check=False,
+                                      env={**os.environ, **(env or {})})
+    assert bystander.poll() is None
+    return out
+
+
+def test_config_refuses_metrics_without_prometheus_client_as_run_does(
+        tmp_path: Path, spawn: Spawn) -> None:
+    """prometheus-client hidden by a package of that name that cannot be imported, first
+    on PYTHONPATH: `config` said "valid" and `run` refused to start."""
+    hidden = tmp_path / "hide" / "prometheus_client"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text('raise ImportError("hidden by the test")\n')
+    conf = tmp_path / "metrics.toml"
+    conf.write_text('[metrics]\nlisten = "127.0.0.1:9772"\n')
+    results = run_both(["--config", str(conf)], spawn, {"PYTHONPATH": str(hidden.parent)})
+    message = ("metrics.listen = '127.0.0.1:9772': metrics are configured (listen "
+               "'127.0.0.1:9772', textfile '') but the Python package prometheus-client is "
+               "missing: install it with `pip install 'mreaper[metrics]'` (Debian: `apt "
+               "install python3-prometheus-client`), or turn metrics off\n")
+    for command, result in results.items():
+        assert result.returncode == 2, (command, result)
+        assert result.stdout == ""
+        origin = f"{conf} + command line" if command == "run" else str(conf)  # --dry-run
+        assert result.stderr == f"mreaper {command}: {origin}: {message}"
+
+
+def test_config_refuses_a_level_above_this_machines_memtotal_as_run_does(
+        tmp_path: Path, spawn: Spawn) -> None:
+    """ "40G" on a smaller machine: MemAvailable <= 40G always, so the daemon would sit at
+    the kill level for good, killing one process after another."""
+    total = procfs.read_meminfo().mem_total
+    above = (total >> 30) + 1
+    conf = tmp_path / "big.toml"
+    conf.write_text(f'[memory]\nwarn = "off"\nterm = "off"\nkill = "{above}G"\n')
+    results = run_both(["--config", str(conf)], spawn)
+    for command, result in results.items():
+        assert result.returncode == 2, (command, result)
+        assert result.stdout == ""
+        origin = f"{conf} + command line" if command == "run" else str(conf)  # --dry-run
+        assert result.stderr.startswith(
+            f"mreaper {command}: {origin}: memory.kill = '{above}G': {above}.0 GiB is at or "
+            f"above this machine's MemTotal ({fmt_bytes(total)}): MemAvailable is never above "
+            "MemTotal, so the level would always hold"), result.stderr
+    # just below MemTotal is this machine's business (a test's threshold, a small VM)
+    below = total // (1 << 20) - 1
+    ok = mreaper("config", "--config", str(conf), "--memory-kill", f"{below}M")
+    assert ok.returncode == 0, ok.stderr
+    assert f'kill = "{below}M"' in ok.stdout

@@ -1,7 +1,8 @@
 """`mreaper kill` as a user runs it: a subprocess, exit codes, stderr, and what it signalled.
 
 Documented exit codes (cli.py): 2 for bad arguments or a refused/missing target, 1 for
-permission denied; in both cases nothing was signalled."""
+permission denied, 3 for a process that had already exited (a zombie); in all three
+nothing was signalled."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -22,7 +24,7 @@ from mreaper.linux import procfs
 MiB = hogs.MiB
 PY = sys.executable
 CLI = [PY, "-m", "mreaper.cli"]
-EXIT_USAGE, EXIT_FORBIDDEN = 2, 1
+EXIT_USAGE, EXIT_FORBIDDEN, EXIT_ZOMBIE = 2, 1, 3
 
 
 def mreaper(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -61,6 +63,65 @@ def test_pid_that_exited_and_was_waited_for(spawn: object) -> None:
     if os.path.exists(f"/proc/{p.pid}"):
         pytest.fail(f"PID {p.pid} was reused at once; rerun")
     assert_refused(mreaper("kill", str(p.pid)), p.pid, EXIT_USAGE, "no process")
+
+
+def wait_for_state(pid: int, state: str) -> None:
+    for _ in range(1000):
+        if procfs.read_stat(pid).state == state:
+            return
+        time.sleep(0.01)
+    pytest.fail(f"PID {pid} never reached state {state}")
+
+
+def test_zombie_is_said_to_be_dead_not_killed() -> None:
+    """A zombie: exited, its memory freed, waiting for its parent (us) to reap it.  It
+    took SIGKILL without error and `kill` printed "killed" with exit 0."""
+    child = subprocess.Popen(["true"])
+    try:
+        wait_for_state(child.pid, "Z")
+        r = mreaper("kill", str(child.pid))
+        assert r.returncode == EXIT_ZOMBIE, (r.returncode, r.stderr)
+        assert r.stdout == ""
+        assert r.stderr == (f"mreaper kill: PID {child.pid} (true) is already dead: a zombie "
+                            f"waiting for its parent (PID {os.getpid()}) to reap it; its "
+                            "memory is already freed, nothing was signalled\n")
+        r = mreaper("kill", "--json", str(child.pid))
+        assert r.returncode == EXIT_ZOMBIE and r.stdout == ""
+    finally:
+        child.wait()
+    assert child.returncode == 0  # exited by itself; no signal of ours
+
+
+def test_a_leader_that_called_pthread_exit_is_not_taken_for_a_zombie() -> None:
+    """Its /proc State is Z, but another thread runs on (and holds the memory): the
+    process is alive, so `kill` must not call it dead (the pidfd is not readable)."""
+    child = subprocess.Popen(
+        [PY, "-c", "import ctypes, threading, time; "
+         "threading.Thread(target=time.sleep, args=(1000,)).start(); time.sleep(0.1); "
+         "ctypes.CDLL(None).pthread_exit(None)"], stdin=subprocess.DEVNULL)
+    try:
+        wait_for_state(child.pid, "Z")
+        assert len(os.listdir(f"/proc/{child.pid}/task")) == 2
+        r = mreaper("kill", str(child.pid))
+        assert "already dead" not in r.stderr, r.stderr
+        assert r.returncode == 0, (r.returncode, r.stderr)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize("zero", [0x0660, 0xFF10, 0x0966], ids=["arabic-indic", "fullwidth",
+                                                                "devanagari"])
+def test_a_pid_in_other_than_ascii_digits_signals_nothing(spawn: object, zero: int) -> None:
+    """int() reads "\u0662\u0662..." as 22...: the PID of a live process written in other
+    digits was killed.  Only ASCII digits name a process."""
+    p = spawn()  # type: ignore[operator]
+    text = "".join(chr(zero + int(d)) for d in str(p.pid))
+    r = mreaper("kill", text)
+    assert r.returncode == EXIT_USAGE and r.stdout == ""
+    assert "is not a process ID (a positive integer in ASCII digits)" in r.stderr, r.stderr
+    assert is_alive_unsignalled(p.pid)
 
 
 def test_pid_1() -> None:

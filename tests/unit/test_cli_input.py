@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from mreaper import cli
-from mreaper.events import history_table, read_events
-damage = lambda e: None  # noqa
+from mreaper.events import damage, history_table, read_events
 
 T0 = 1_700_000_000.0
 

@@ -979,7 +979,7 @@ def test_levels_at_or_above_this_machines_total_are_refused() -> None:
     assert str(info.value) == (
         "o: memory.warn = '40G': 40.0 GiB is at or above this machine's MemTotal (16.0 GiB): "
         "MemAvailable is never above MemTotal, so the level would always hold and the daemon "
-        "would stay at it for good; give a size below 16G or a percentage below 100%")
+        "would stay at it for good; give a size below MemTotal or a percentage below 100%")
     kill = config.apply(Config(), {"memory": {"warn": "off", "term": "off", "kill": "1G"}}, "o")
     with pytest.raises(ConfigError, match=r"^o: memory.kill = '1G': 1.0 GiB is at or above"):
         config.check_totals(kill, GiB, 0)  # equal: MemAvailable <= MemTotal, always
