@@ -265,10 +265,12 @@ def _exited(victim: Victim) -> bool:
     return bool(select.select([victim.pidfd], [], [], 0)[0])
 
 
-def _reader_gone(stream: TextIO) -> bool:
+def _reader_gone(stream: TextIO | None) -> bool:
     """`stream`'s file is a pipe (or socket) whose reading end is closed: poll says
     POLLERR for a pipe without readers (fs/pipe.c pipe_poll), POLLHUP for a socket whose
     peer is gone."""
+    if stream is None:
+        return False
     try:
         fd = stream.fileno()
     except (OSError, ValueError):  # replaced by a test harness, or closed
@@ -289,8 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _main(argv)
         finally:
             # Flushed here, not at interpreter exit, where a BrokenPipeError would only
-            # be printed as "Exception ignored" with exit code 120.
-            sys.stdout.flush()
+            # be printed as "Exception ignored" with exit code 120.  (None: started
+            # with fd 1 closed.)
+            if sys.stdout is not None:
+                sys.stdout.flush()
     except BrokenPipeError:
         gone = [s for s in (sys.stdout, sys.stderr) if _reader_gone(s)]
         if not gone:
@@ -299,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the dead streams at /dev/null so that the flush at exit does not fail again.
         devnull = os.open(os.devnull, os.O_WRONLY)
         for stream in gone:
+            assert stream is not None
             os.dup2(devnull, stream.fileno())
         os.close(devnull)
         return EXIT_PIPE
