@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon_harness import DaemonProcess
 from mreaper import cli, config
 from mreaper.config import Config
 from mreaper.linux import procfs
@@ -483,3 +485,24 @@ def test_config_refuses_a_level_above_this_machines_memtotal_as_run_does(
     ok = mreaper("config", "--config", str(conf), "--memory-kill", f"{below}M")
     assert ok.returncode == 0, ok.stderr
     assert f'kill = "{below}M"' in ok.stdout
+
+
+def test_a_reload_to_a_level_above_memtotal_is_refused_and_the_daemon_runs_on(
+        tmp_path: Path) -> None:
+    """SIGHUP goes through the same checks as the start: a reload to "kill = 40G" on a
+    smaller machine would have left the daemon killing at every look."""
+    conf = tmp_path / "mreaper.toml"
+    conf.write_text("[daemon]\nreapers = 2\n")
+    daemon = DaemonProcess("--config", str(conf), "--dry-run", "--psi-warn", "off",
+                           "--psi-kill", "off")
+    try:
+        above = (procfs.read_meminfo().mem_total >> 30) + 1
+        conf.write_text(f'[memory]\nwarn = "off"\nterm = "off"\nkill = "{above}G"\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        m = daemon.wait_for(r"reload refused, keeping the running configuration: (.*)")
+        assert m.group(1).startswith(f"{conf} + command line: memory.kill = '{above}G': "
+                                     f"{above}.0 GiB is at or above this machine's MemTotal")
+        assert daemon.proc.poll() is None
+        assert not any("killing" in line or "would kill" in line for line in daemon.lines)
+    finally:
+        assert daemon.stop() == 0
