@@ -154,7 +154,7 @@ _HAS_UNIT_RE = re.compile(r"[KMGTB]\s*$", re.IGNORECASE | re.ASCII)
 def _bare_number(origin: str, key: str, value: object, item: object, total: str) -> ConfigError:
     """A level written as a plain number: earlyoom's -m 5 means 5 %, our size "5" meant 5
     bytes, so neither reading is taken; the message shows both."""
-    text = f"{item:g}" if isinstance(item, float) else str(item).strip()
+    text = _percent_text(item) if isinstance(item, float) else str(item).strip()
     number = float(text)
     if "." in text:
         readings = (f"write \"{text}%\" ({text} % of {total}), or a size with a unit: "
