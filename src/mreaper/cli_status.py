@@ -29,10 +29,17 @@ from mreaper import config as config_mod
 from mreaper import policy
 from mreaper.cliargs import seconds_between
 from mreaper.config import Config
-from mreaper.detect import assess, parse_pressure
+from mreaper.detect import assess, parse_pressure, read_pressure_file
 from mreaper.linux import procfs
 from mreaper.reap import fmt_bytes
-from mreaper.status import CLIENT_TIMEOUT, NoDaemon, QueryDenied, StatusError, query
+from mreaper.status import (
+    CLIENT_TIMEOUT,
+    NoDaemon,
+    QueryDenied,
+    StatusError,
+    UntrustedServer,
+    query,
+)
 
 TOP_CANDIDATES = 10
 LAST_KILLS = 5
@@ -75,9 +82,8 @@ def add_status_parsers(subparsers: Any) -> None:
 
 
 def _psi_averages(path: str) -> dict[str, float]:
-    try:
-        with open(path, "rb") as f:
-            return parse_pressure(f.read())
+    try:  # non-blocking and bounded: a FIFO or /dev/zero in its place is no figure
+        return parse_pressure(read_pressure_file(path))
     except (OSError, ValueError):
         return {}
 
@@ -114,7 +120,8 @@ def local_status(cfg: Config, top: int = TOP_CANDIDATES,
 
 def fetch(socket_path: str, cfg: Config, timeout: float = CLIENT_TIMEOUT,
           origin: str = "") -> tuple[dict[str, Any], str]:
-    """The daemon's status, or the local one; and the line that says which.
+    """The daemon's status, or the local one; and the line that says which.  The
+    status is as answered (JSON-safe, for --json); the line is printable (escaped).
 
     "origin" names where an empty socket path came from (the status socket is off)."""
     if not socket_path:
@@ -126,6 +133,8 @@ def fetch(socket_path: str, cfg: Config, timeout: float = CLIENT_TIMEOUT,
             why = f"no daemon running at {socket_path}"
         except QueryDenied as e:
             why = f"cannot query the daemon at {socket_path} ({e})"
+        except UntrustedServer as e:
+            why = f"refused to query {socket_path} ({e})"
         except StatusError as e:
             why = f"the daemon at {socket_path} did not answer ({e})"
         else:
@@ -134,15 +143,30 @@ def fetch(socket_path: str, cfg: Config, timeout: float = CLIENT_TIMEOUT,
                 answer["socket"] = socket_path
                 pid = answer.get("pid")
                 extra = "; dry run" if answer.get("dry_run") else ""
-                return answer, (f"mreaper daemon {pid} at {socket_path} "
-                                f"(config: {answer.get('config', '?')}{extra})")
+                return answer, policy.printable(
+                    f"mreaper daemon {pid} at {socket_path} "
+                    f"(config: {answer.get('config', '?')}{extra})")
             why = f"the daemon at {socket_path} refused: {answer['error']}"
     line = f"{why}: computed locally"
     st = local_status(cfg)
     st["source"] = "local"
     st["socket"] = socket_path
     st["note"] = line
-    return st, line
+    return st, policy.printable(line)
+
+
+def printable_tree(value: Any) -> Any:
+    """`value` (a decoded JSON document) with every string in it, keys too, escaped
+    (policy.printable): what a daemon answers, or a fake one, or a process names
+    itself, reaches the terminal only as visible text, never as an escape sequence
+    or a line break."""
+    if isinstance(value, str):
+        return policy.printable(value)
+    if isinstance(value, Mapping):
+        return {printable_tree(k): printable_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [printable_tree(v) for v in value]
+    return value
 
 
 def _config_and_socket(args: argparse.Namespace) -> tuple[Config, str]:
@@ -386,10 +410,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg, socket_path = _config_and_socket(args)
     st, source_line = fetch(socket_path, cfg, args.timeout,
                             origin=args.config or config_mod.DEFAULT_PATH)
-    if args.json:
+    if args.json:  # json.dumps escapes control characters itself (ensure_ascii)
         print(json.dumps(st, indent=2, sort_keys=True, default=str))
     else:
-        print(render_status(st, source_line))
+        print(render_status(printable_tree(st), source_line))
     return 0
 
 
@@ -466,7 +490,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
     def frame(width: int, height: int, color: bool) -> list[str]:
         st, source_line = fetch(socket_path, cfg, args.timeout, origin=origin)
-        return render_top(st, source_line, width=width, height=height,
+        return render_top(printable_tree(st), source_line, width=width, height=height,
                           interval=args.interval, color=color)
 
     if args.once or not out.isatty():

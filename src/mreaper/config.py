@@ -8,6 +8,7 @@ a bad reload.  Nothing falls back to a default silently.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import os
 import posixpath
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from typing import Any
 
+from mreaper.linux import trust
 from mreaper.policy import Action, Pattern, PatternRefused, Rule, SortBy
 from mreaper.reap import fmt_bytes
 
@@ -652,33 +654,17 @@ def _argv(origin: str, key: str, value: object) -> tuple[str, ...]:
     if any("\0" in a for a in value):  # os.stat and exec refuse them with ValueError
         raise ConfigError(origin, key, value, "arguments without NUL characters")
     if value:
+        # Running as root, the hook's whole path (and its #! interpreter's) must be
+        # root's: hooks.run_hook checks it again before every run.
         try:
-            st = os.stat(value[0])
+            trust.check_executable(value[0], enforce=os.geteuid() == 0)
+        except trust.Untrusted as e:
+            raise ConfigError(origin, key, value[0], e.reason(value[0])) from None
+        except trust.NotExecutable as e:
+            raise ConfigError(origin, key, value, e.strerror or str(e)) from None
         except OSError as e:
             raise ConfigError(origin, key, value, f"{value[0]}: {e.strerror}") from None
-        if not (st.st_mode & 0o111) or not os.path.isfile(value[0]):
-            raise ConfigError(origin, key, value, f"{value[0]} is not an executable file")
-        check_trusted(value[0], st, key, origin=origin)
     return tuple(value)
-
-
-def check_trusted(path: str, st: os.stat_result, key: str, *, origin: str | None = None) -> None:
-    """Running as root, a file that decides what root runs or kills must be root's: a
-    config or hook owned by another user, or writable by group or others, would let
-    that user take over the daemon.  Refused with how to fix it."""
-    if os.geteuid() != 0:
-        return
-    problems = []
-    if st.st_uid != 0:
-        problems.append(f"owned by uid {st.st_uid}, not root")
-    writers = [who for who, bit in (("group", 0o020), ("others", 0o002)) if st.st_mode & bit]
-    if writers:
-        problems.append(f"writable by {' and '.join(writers)} "
-                        f"(mode {stat.S_IMODE(st.st_mode):04o})")
-    if problems:
-        raise ConfigError(origin or path, key, path,
-                          f"refused: {' and '.join(problems)}; mreaper runs as root, so fix "
-                          f"it with: chown root:root {path} && chmod go-w {path}")
 
 
 def _apply_ops(origin: str, data: Mapping[str, Any], changes: dict[str, Any]) -> None:
@@ -916,9 +902,7 @@ def load(path: str | None, *, required: bool) -> Config:
     if "\0" in target:  # open() would raise ValueError
         raise ConfigError(target, "--config", target, "a path without NUL characters")
     try:
-        with open(target, "rb") as f:
-            check_trusted(target, os.fstat(f.fileno()), "--config")
-            data = tomllib.load(f)
+        data = tomllib.loads(_read_config(target).decode())
     except FileNotFoundError:
         if required:
             raise ConfigError(target, "--config", target, "no such file") from None
@@ -927,6 +911,10 @@ def load(path: str | None, *, required: bool) -> Config:
         raise ConfigError(target, "--config", target, "permission denied") from None
     except IsADirectoryError:
         raise ConfigError(target, "--config", target, "is a directory, not a file") from None
+    except trust.TooLarge:
+        raise ConfigError(target, "--config", target,
+                          f"larger than {MAX_CONFIG_BYTES} bytes (1 MiB): a configuration "
+                          "file is a short TOML document") from None
     except OSError as e:  # ENOTDIR, ELOOP, ENAMETOOLONG, EIO, ...
         raise ConfigError(target, "--config", target,
                           f"cannot read it: {e.strerror or e}") from None
@@ -938,6 +926,42 @@ def load(path: str | None, *, required: bool) -> Config:
         raise ConfigError(target, "(syntax)", "arrays or tables nested too deeply",
                           "valid TOML") from None
     return apply(Config(), data, target)
+
+
+MAX_CONFIG_BYTES = 1 << 20   # a real configuration is a few KiB
+
+
+def _read_config(target: str) -> bytes:
+    """The bytes of the configuration file, read without ever blocking: a FIFO, a
+    device (/dev/zero, /dev/stdin on a terminal or a pipe) or a directory is refused
+    before it is opened, and at most MAX_CONFIG_BYTES are read.  Running as root, the
+    whole path must be root's (trust.resolve): every directory, every symlink and the
+    file itself; the file opened is the one that was checked (same device and inode,
+    opened with O_NOFOLLOW on the resolved path)."""
+    st = os.stat(target)  # follows symlinks, opens nothing: a FIFO is not touched
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), target)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(target, "--config", target,
+                          f"not a regular file but {trust.describe_type(st.st_mode)}: give "
+                          "the path of a TOML file")
+    if os.geteuid() == 0:
+        try:
+            resolved = trust.resolve(target)
+        except trust.Untrusted as e:
+            raise ConfigError(target, "--config", target, e.reason(target)) from None
+        fd = trust.open_regular(resolved.path, nofollow=True)
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (resolved.st.st_dev, resolved.st.st_ino):
+            os.close(fd)
+            raise ConfigError(target, "--config", target,
+                              "replaced while it was being checked; try again")
+    else:
+        fd = trust.open_regular(target)
+    try:
+        return trust.read_fd(fd, MAX_CONFIG_BYTES, target)
+    finally:
+        os.close(fd)
 
 
 def to_toml(cfg: Config) -> str:

@@ -13,11 +13,13 @@ import enum
 import errno
 import math
 import os
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mreaper.config import LEVELS, Config, Level, PsiTrigger, ScopeConfig, When
+from mreaper.linux import trust
 from mreaper.linux.cgroup import MemoryState
 from mreaper.linux.procfs import MemInfo
 
@@ -221,6 +223,9 @@ class PsiMonitor:
         self.own = own
         self._own_totals: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
         self.path = path
+        # The first candidate found to be a kernel pressure file: averages are read
+        # from it, also when it refuses triggers; None when none is (then no figures).
+        self._readable: str | None = None
         refusals = []
         for candidate in (path, *alternates):
             why = self._arm(candidate)
@@ -233,13 +238,28 @@ class PsiMonitor:
             self.fallback = "; ".join(refusals)
 
     def _arm(self, path: str) -> str | None:
-        """Arm every trigger on `path`; on any refusal close them all and say why."""
+        """Arm every trigger on `path`; on any refusal close them all and say why.
+
+        Only the kernel's own pressure file is used: a FIFO in its place would hang
+        every later read (our own O_RDWR trigger fd is a writer that never closes), and
+        /dev/null or a regular file would take the trigger and never fire.  Every open
+        is O_NONBLOCK, so even a FIFO is refused at once."""
+        why = _not_pressure_file(path)
+        if why is not None:
+            return why
+        if self._readable is None:
+            self._readable = path
         for level, trig in self.triggers.items():
             try:
                 fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as e:
                 self.close()
                 return f"cannot open {path}: {e.strerror}"
+            why = _not_pressure_file(path, fd)  # the very file we write the trigger to
+            if why is not None:
+                os.close(fd)
+                self.close()
+                return why
             try:
                 # The trailing NUL matters: psi_write() for /proc/pressure/* overwrites the
                 # last byte written with NUL, which would eat the window's last digit.
@@ -293,8 +313,7 @@ class PsiMonitor:
         """Read the pressure file once: its averages (for gauges and the fallback) and
         its totals (to confirm trigger events).  Called on every look."""
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            data = read_pressure_file(self._readable or self.path)
         except OSError:
             self._averages = {}
             return
@@ -307,8 +326,8 @@ class PsiMonitor:
         _keep(self._totals, now, parse_totals(data), horizon)
         if self.own is not None:
             try:
-                with open(self.own, "rb") as f:
-                    _keep(self._own_totals, now, parse_totals(f.read()), horizon)
+                _keep(self._own_totals, now, parse_totals(read_pressure_file(self.own)),
+                      horizon)
             except OSError:
                 self.own = None  # our cgroup changed or has no PSI: nothing to discount
         for level, since in list(self.pending.items()):
@@ -343,6 +362,45 @@ class PsiMonitor:
 
 
 _POLLPRI = 0x002
+PRESSURE_FILE_LIMIT = 1 << 16  # a PSI file is two lines (about 110 bytes)
+# Where the kernel's pressure files live (statfs f_type): /proc/pressure/* on procfs,
+# memory.pressure on cgroup2.  None takes a regular file on any filesystem: only for
+# unit tests, whose made-up pressure files stand in for what they cannot write.
+PRESSURE_FILESYSTEMS: tuple[int, ...] | None = (trust.PROC_SUPER_MAGIC,
+                                                trust.CGROUP2_SUPER_MAGIC)
+
+
+def _not_pressure_file(path: str, fd: int | None = None) -> str | None:
+    """None if `path` (or `fd`, open on it) is a kernel PSI file, else why not."""
+    own = fd is None
+    if fd is None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            return f"cannot open {path}: {e.strerror}"
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # as opening it for the trigger says
+            return f"cannot open {path}: {os.strerror(errno.EISDIR)}"
+        why = trust.kernel_pressure_file(fd, PRESSURE_FILESYSTEMS)
+    except OSError as e:
+        why = f"cannot check it: {e.strerror}"
+    finally:
+        if own:
+            os.close(fd)
+    return None if why is None else f"{path}: {why}"
+
+
+def read_pressure_file(path: str) -> bytes:
+    """The content of a kernel PSI file; OSError if `path` is not one (a FIFO is
+    refused at once, never read: O_NONBLOCK) or holds more than PRESSURE_FILE_LIMIT."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        why = trust.kernel_pressure_file(fd, PRESSURE_FILESYSTEMS)
+        if why is not None:
+            raise OSError(errno.EINVAL, why, path)
+        return trust.read_fd(fd, PRESSURE_FILE_LIMIT, path)
+    finally:
+        os.close(fd)
 
 # How far the look before a trigger's window may lie from the window's start for the
 # stall between them to judge the window (a fraction of the window).

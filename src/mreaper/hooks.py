@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from mreaper.linux import trust
 from mreaper.reap import KillReport, Victim
 from mreaper.report import Episode, Sample
 
@@ -119,11 +120,32 @@ def _output_fd() -> int:
     return 2
 
 
+def _refusal(path: str) -> str:
+    """Why the hook at `path` must not run now, or "".  The configuration checked it at
+    load, but a file that was safe then may not be now (a directory on its path made
+    writable, the hook replaced through it): so its whole path, and its #!
+    interpreter's, is walked again immediately before each run.  Once every component
+    is root's, nobody else can change what the path resolves to before the exec that
+    follows (docs/hooks.md)."""
+    try:
+        trust.check_executable(path, enforce=os.geteuid() == 0)
+    except trust.Untrusted as e:
+        return e.reason(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    return ""
+
+
 def run_hook(event: str, argv: Sequence[str], env: Mapping[str, str],
              timeout: float) -> HookRun:
     """Run `argv` in a new session with exactly `env`; after `timeout` seconds SIGKILL
-    its whole process group.  Never raises for the hook's own failures."""
+    its whole process group.  Refused (logged, not run) when its path is no longer
+    root's.  Never raises for the hook's own failures."""
     start = time.monotonic()
+    refusal = _refusal(argv[0]) if argv else "an empty command"
+    if refusal:
+        log.error("%s hook %s not run: %s", event, argv[0] if argv else "[]", refusal)
+        return HookRun(event, None, None, False, time.monotonic() - start, refusal)
     try:
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=_output_fd(),
                                 stderr=_output_fd(), close_fds=True, env=dict(env), cwd="/",

@@ -10,11 +10,22 @@ it does not exist, and is mode 0600; on top of that every connection's peer cred
 (SO_PEERCRED) are checked, and any uid other than root (or the daemon's own) is answered
 `{"error": "permission denied: root only"}`, even if the file's mode was loosened.
 
+The socket's directory must be one only root can change (trust.resolve: every
+component root's, no symlink of another user on the way), on the server's side and on
+the client's, and the client also checks that the process serving the socket is root
+(SO_PEERCRED, its side): otherwise another user could serve a fake daemon to root's
+`mreaper status`.  The client escapes whatever it prints (cli_status).
+
 Liveness: one thread serves every connection from a selector loop, never blocking on a
 client: a request is at most MAX_REQUEST bytes, each connection has a deadline, and at
-most MAX_CLIENTS are open at once (the oldest is dropped for a new one).  A client that
-connects and sends nothing costs one slot until its deadline, never the daemon's loop.
-The provider runs in this thread, so it must be cheap (Daemon.status reads cached state).
+most MAX_CLIENTS are open at once.  Connections are bounded per peer (SO_PEERCRED): a
+uid that is refused anyway holds at most PEER_LIMIT of them, and all such uids together
+at most a quarter of the slots; more are closed at once.  A new connection from an
+allowed uid takes the slot of the oldest refused one first, and allowed clients are
+served first in each round: a flood by another user on a loosened socket does not keep
+root out.  A client that connects and sends nothing costs one slot until its deadline,
+never the daemon's loop.  The provider runs in this thread, so it must be cheap
+(Daemon.status reads cached state).
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mreaper.linux import trust
 from mreaper.reap import fmt_bytes
 
 log = logging.getLogger("mreaper")
@@ -42,6 +54,8 @@ MAX_REQUEST = 4096          # bytes: a request is one short line
 MAX_RESPONSE = 16 << 20     # bytes the client accepts
 CLIENT_TIMEOUT = 2.0        # seconds a connection may take, from accept to the last byte
 MAX_CLIENTS = 16            # connections served at once
+PEER_LIMIT = 2              # connections open at once from one uid that is refused anyway
+ACCEPTS_PER_ROUND = 64      # accepts before the open clients get their turn
 BACKLOG = 64                # connections the kernel queues before we accept them
 DENIED = "permission denied: root only"
 
@@ -60,6 +74,11 @@ class QueryDenied(StatusError):
     """The socket exists but we may not use it (its mode, or the server refused us)."""
 
 
+class UntrustedServer(StatusError):
+    """The socket's path or the process serving it is not root's: not asked (or its
+    answer not read)."""
+
+
 # --- the server -------------------------------------------------------------------------
 
 
@@ -76,6 +95,7 @@ class _Client:
     sock: socket.socket
     deadline: float
     uid: int
+    allowed: bool = False
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytes = b""
     answered: bool = False
@@ -151,8 +171,7 @@ class StatusServer:
         directory = os.path.dirname(self.path)
         old_umask = os.umask(0o077)
         try:
-            if not os.path.isdir(directory):
-                os.makedirs(directory, mode=0o700, exist_ok=True)
+            trusted_directory(directory, create=True)
             self._remove_stale()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
@@ -193,6 +212,18 @@ class StatusServer:
         raise OSError(errno.EADDRINUSE, f"another server answers at {self.path}")
 
     # -- the loop
+    def _order(self, ready: list[tuple[selectors.SelectorKey, int]],
+               clients: dict[int, _Client]) -> list[tuple[selectors.SelectorKey, int]]:
+        """New connections first (root's may be among them), then allowed clients, then
+        the rest: under a flood, root is answered first."""
+        def rank(item: tuple[selectors.SelectorKey, int]) -> int:
+            key = item[0]
+            if key.fileobj is self._sock or key.fileobj == self._wake_r:
+                return 0
+            client = clients.get(key.fd)
+            return 1 if client is not None and client.allowed else 2
+        return sorted(ready, key=rank)
+
     def _serve(self) -> None:
         assert self._sock is not None
         sel = selectors.DefaultSelector()
@@ -203,7 +234,7 @@ class StatusServer:
             while not self._stop:
                 now = time.monotonic()
                 wait = min((c.deadline for c in clients.values()), default=now + 60) - now
-                for key, events in sel.select(max(0.0, wait)):
+                for key, events in self._order(sel.select(max(0.0, wait)), clients):
                     if key.fileobj is self._sock:
                         self._accept(sel, clients)
                     elif key.fileobj == self._wake_r:
@@ -228,9 +259,10 @@ class StatusServer:
             sel.close()
 
     def _accept(self, sel: selectors.BaseSelector, clients: dict[int, _Client]) -> None:
-        """Accept every queued connection; beyond max_clients the oldest open one goes."""
+        """Accept the queued connections (at most ACCEPTS_PER_ROUND), each within the
+        bounds per peer: see the module's docstring."""
         assert self._sock is not None
-        while True:
+        for _ in range(ACCEPTS_PER_ROUND):
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -245,9 +277,26 @@ class StatusServer:
             except OSError:
                 conn.close()
                 continue
+            allowed = uid in self.allowed_uids
+            if not allowed:
+                refused = [c for c in clients.values() if not c.allowed]
+                if (sum(c.uid == uid for c in refused) >= PEER_LIMIT
+                        or len(refused) >= max(1, self.max_clients // 4)):
+                    self.refused += 1  # it would be refused anyway: no slot for it
+                    conn.close()
+                    continue
             if len(clients) >= self.max_clients:
-                self._drop(sel, clients, min(clients.values(), key=lambda c: c.deadline))
-            clients[conn.fileno()] = _Client(conn, time.monotonic() + self.timeout, uid)
+                # the oldest refused connection goes first; an allowed one only for
+                # another allowed one
+                pool = [c for c in clients.values() if not c.allowed] or (
+                    list(clients.values()) if allowed else [])
+                if not pool:
+                    self.refused += 1
+                    conn.close()
+                    continue
+                self._drop(sel, clients, min(pool, key=lambda c: c.deadline))
+            clients[conn.fileno()] = _Client(conn, time.monotonic() + self.timeout, uid,
+                                             allowed=allowed)
             sel.register(conn, selectors.EVENT_READ, None)
 
     def _step(self, sel: selectors.BaseSelector, clients: dict[int, _Client], client: _Client,
@@ -269,7 +318,7 @@ class StatusServer:
     def _answer(self, sel: selectors.BaseSelector, client: _Client, *, eof: bool) -> None:
         client.answered = True
         line, newline, _ = bytes(client.inbuf).partition(b"\n")
-        if client.uid not in self.allowed_uids:
+        if not client.allowed:
             self.refused += 1
             reply: Mapping[str, Any] = {"error": DENIED}
         elif not newline and len(client.inbuf) > MAX_REQUEST:
@@ -323,6 +372,26 @@ class StatusServer:
         client.sock.close()
 
 
+def trusted_directory(directory: str, *, create: bool = False) -> str:
+    """The socket's directory, checked (trust.resolve): every component owned by root
+    (or by us) and not writable by others, the directory itself not even when sticky.
+    With `create`, a missing directory is made 0700, under an ancestor checked first.
+    Raises OSError (Untrusted as EPERM, with the reason)."""
+    try:
+        if create and not os.path.lexists(directory):
+            ancestor = directory
+            while not os.path.lexists(ancestor):
+                ancestor = os.path.dirname(ancestor)
+            trust.resolve(ancestor, final_sticky_ok=True)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        resolved = trust.resolve(directory)
+    except trust.Untrusted as e:
+        raise PermissionError(errno.EPERM, e.reason(directory), directory) from None
+    if not stat.S_ISDIR(resolved.st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory)
+    return resolved.path
+
+
 def serve(path: str, provider: Provider) -> StatusServer | None:
     """Start a status server at `path` for the daemon, or return None when `path` is ""
     (off) or the socket cannot be made (logged: the daemon runs on without it)."""
@@ -365,12 +434,35 @@ def summary(st: Mapping[str, Any]) -> str:
 # --- the client -------------------------------------------------------------------------
 
 
+def _check_socket_path(path: str) -> None:
+    """Refuse a socket another user could have put there: its directory must pass
+    trusted_directory and the socket file be root's (or ours).  A socket's mode only
+    says who may connect, so a loosened 0666 socket of root's is still root's."""
+    try:
+        trusted_directory(os.path.dirname(path))
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise NoDaemon(e.strerror or str(e)) from None
+    except PermissionError as e:
+        if e.errno == errno.EPERM:  # Untrusted
+            raise UntrustedServer(e.strerror or str(e)) from None
+        raise QueryDenied(f"{e.strerror} (the status socket is root only)") from None
+    except OSError as e:
+        raise StatusError(e.strerror or str(e)) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise NoDaemon(f"{path} is {trust.describe_type(st.st_mode)}, not a socket")
+    if st.st_uid not in trust.trusted_uids():
+        raise UntrustedServer(f"refused: the socket {path} is owned by uid {st.st_uid}, "
+                              "not root")
+
+
 def query(path: str, timeout: float = CLIENT_TIMEOUT, cmd: str = "status") -> dict[str, Any]:
     """Ask the server at `path`; its answer as a dict (which may hold "error").
 
     Raises NoDaemon when nobody serves there, QueryDenied when the socket's mode keeps
     us out, StatusError on a timeout or a malformed answer.
     """
+    _check_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     deadline = time.monotonic() + timeout
@@ -378,6 +470,9 @@ def query(path: str, timeout: float = CLIENT_TIMEOUT, cmd: str = "status") -> di
         while True:
             try:
                 sock.connect(path)
+                _, uid, _ = peer_credentials(sock)
+                if uid not in trust.trusted_uids():
+                    raise UntrustedServer(f"the server at {path} runs as uid {uid}, not root")
                 break
             except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
                 raise NoDaemon(f"{e.strerror}") from None

@@ -634,3 +634,225 @@ def test_status_and_top_from_a_real_daemon(daemon: tuple[subprocess.Popen[str], 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
     assert not os.path.exists(path)  # removed on the way out
+
+
+# --- a hostile local user against the socket (issue 11, defect 8) ---------------------------
+
+_FAKE_SERVER = textwrap.dedent("""
+    # A fake mreaper daemon serving a status full of terminal escapes: run as nobody.
+    import json, os, socket, sys
+    path, drop = sys.argv[1], sys.argv[2] == "drop"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    os.chmod(path, 0o666)
+    if drop:  # bound as root (a root-owned socket file), listening as nobody
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    s.listen(8)
+    esc = "\\x1b]0;pwned\\x07\\x1b[2J\\x1b[31mFAKE\\r\\n\\x9b1m"
+    answer = {"pid": "6666" + esc, "dry_run": False, "config": "/fake" + esc,
+              "scopes": [{"scope": "machine" + esc, "severity": "kill", "reason": esc,
+                          "mem_total": 1 << 30, "mem_available": 1 << 20,
+                          "swap_total": 0, "swap_free": 0,
+                          "levels": {"warn": 1, "term": 1, "kill": 1}}],
+              "candidates": [{"pid": esc, "name": esc, "rss": 1, "oom_score": esc,
+                              "score": esc, "excluded": esc, "rules": [esc]}],
+              "kills": [{"pid": esc, "name": esc, "wall_time": 0, "reason": esc,
+                         "mrelease": esc, "signals": [{"name": esc}]}]}
+    print("ready", flush=True)
+    while True:
+        c, _ = s.accept()
+        c.recv(4096)
+        c.sendall(json.dumps(answer).encode() + b"\\n")
+        c.close()
+""")
+
+
+@contextlib.contextmanager
+def _fake_daemon(path: Path, *, drop: bool = False) -> Iterator[None]:
+    """A fake daemon at `path`: run as nobody (drop=False: the socket file is nobody's),
+    or bound by root and then serving as nobody (drop=True)."""
+    kw: dict[str, Any] = {} if drop else {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+    p = subprocess.Popen(["/usr/bin/python3", "-c", _FAKE_SERVER, str(path),
+                          "drop" if drop else "keep"], stdout=subprocess.PIPE, text=True,
+                         cwd="/", **kw)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        yield
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _evil_tree() -> Iterator[tuple[Path, Path, Path]]:
+    base = Path(tempfile.mkdtemp(prefix="mreaper-evil-", dir="/tmp"))
+    base.chmod(0o755)
+    evil = base / "evil"
+    evil.mkdir()
+    os.chown(evil, NOBODY, NOBODY)  # a directory another user owns
+    link = base / "run"
+    link.symlink_to(evil)           # a root-owned symlink into it
+    try:
+        yield base, evil, link
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+evil_tree = pytest.fixture(_evil_tree)
+
+
+def _visible(text: str) -> None:
+    """Nothing in `text` a terminal would act on: no C0 control but newline, no DEL, no C1."""
+    bad = [c for c in text if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F]
+    assert not bad, f"raw control characters {bad!r} in output:\n{text!r}"
+
+
+@needs_root
+def test_server_refuses_a_socket_directory_another_user_controls(
+        evil_tree: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    _base, evil, link = evil_tree
+    for directory in (link, evil):  # through a root-owned symlink, and directly
+        with pytest.raises(OSError, match=f"directory {evil} on its path is owned by uid "
+                                          f"{NOBODY}, not root|owned by uid {NOBODY}, not root"):
+            status.StatusServer(str(directory / "status.sock"), fake_status).start()
+        assert not (evil / "status.sock").exists()
+    assert status.serve(str(link / "status.sock"), fake_status) is None
+    assert f"status socket {link}/status.sock unavailable: refused" in caplog.text
+    # a directory writable by others (even root's) is refused too
+    open_dir = evil.parent / "open"
+    open_dir.mkdir(mode=0o777)
+    open_dir.chmod(0o777)
+    with pytest.raises(OSError, match=r"writable by group and others \(mode 0777\)"):
+        status.StatusServer(str(open_dir / "status.sock"), fake_status).start()
+
+
+@needs_root
+def test_status_refuses_a_fake_daemon_of_another_user(
+        evil_tree: tuple[Path, Path, Path], empty_config: str) -> None:
+    _base, evil, link = evil_tree
+    with _fake_daemon(evil / "status.sock"):
+        for sock in (link / "status.sock", evil / "status.sock"):
+            p = run_cli("status", "--socket", str(sock), "--config", empty_config)
+            assert p.returncode == 0, p.stderr
+            _visible(p.stdout)
+            first = p.stdout.splitlines()[0]
+            assert first.startswith(f"refused to query {sock} (")
+            assert first.endswith("): computed locally")
+            assert f"uid {NOBODY}" in first
+            assert "6666" not in p.stdout and "FAKE" not in p.stdout
+            with pytest.raises(status.StatusError, match=f"uid {NOBODY}"):
+                status.query(str(sock))
+
+
+@needs_root
+def test_status_refuses_a_server_that_is_not_root_by_peercred(sockdir: Path,
+                                                              empty_config: str) -> None:
+    """The socket file and its directory are root's, but the process serving it is not."""
+    sockdir.mkdir(mode=0o755)
+    sock = sockdir / "status.sock"
+    with _fake_daemon(sock, drop=True):
+        assert os.lstat(sock).st_uid == 0
+        with pytest.raises(status.StatusError,
+                           match=f"the server at {sock} runs as uid {NOBODY}, not root"):
+            status.query(str(sock))
+        p = run_cli("status", "--socket", str(sock), "--config", empty_config)
+        _visible(p.stdout)
+        assert "FAKE" not in p.stdout and "6666" not in p.stdout
+
+
+def _hostile_status() -> dict[str, Any]:
+    esc = "\x1b]0;pwned\x07\x1b[2J\x1b[31mX\r\nY\x9b1m\u202e\x7f"
+    st = fake_status()
+    st["pid"] = "4242" + esc
+    st["config"] = "/etc/mreaper/mreaper.toml" + esc
+    for scope in st["scopes"]:
+        scope["scope"] += esc
+        scope["reason"] = "warn: " + esc
+        scope["cgroup"] = "/x" + esc
+    st["scopes"][1]["events"] = {"oom" + esc: esc}
+    st["scopes"][0]["psi"] = {"some": 1.0}
+    for c in st["candidates"]:
+        c["name"] += esc
+        c["oom_score"] = esc
+        c["score"] = esc
+        c["rules"] = [esc]
+    st["candidates"][1]["excluded"] = esc
+    for k in st["kills"]:
+        k["name"] += esc
+        k["reason"] = esc
+        k["mrelease"] = esc
+        k["pid"] = esc
+    st["kills"].append({"cgroup": esc, "members": [{"pid": esc, "mrelease": esc}],
+                        "reason": esc, "wall_time": NOW})
+    return st
+
+
+def test_status_and_top_escape_every_field(sockdir: Path) -> None:
+    with status.StatusServer(str(sockdir / "s.sock"), _hostile_status) as srv:
+        p = run_cli("status", "--socket", srv.path)
+        assert p.returncode == 0, p.stderr
+        _visible(p.stdout)
+        assert "\\x1b]0;pwned\\x07\\x1b[2J" in p.stdout  # shown, escaped
+        assert p.stdout.splitlines()[0].startswith("mreaper daemon 4242\\x1b")
+        t = run_cli("top", "--once", "--socket", srv.path,
+                    env=dict(os.environ, COLUMNS="400", LINES="60"))
+        assert t.returncode == 0, t.stderr
+        _visible(t.stdout)
+        assert "\\x1b[31mX\\r\\nY" in t.stdout
+        j = run_cli("status", "--socket", srv.path, "--json")
+        _visible(j.stdout)  # JSON escapes them itself
+        assert json.loads(j.stdout)["config"] == _hostile_status()["config"]
+
+
+_FLOODER = textwrap.dedent("""
+    # As nobody: keep as many connections open to the status socket as the fds allow,
+    # replacing each one the server closes, for sys.argv[2] seconds.
+    import collections, os, socket, sys, time
+    path, end = sys.argv[1], time.monotonic() + float(sys.argv[2])
+    held = collections.deque()
+    made = 0
+    print("ready", flush=True)
+    while time.monotonic() < end:
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect(path)
+            held.append(s)
+            made += 1
+        except OSError:
+            s.close()
+            time.sleep(0.0005)
+        if len(held) > 400:
+            held.popleft().close()
+    print(made, flush=True)
+""")
+
+
+@needs_root
+def test_a_flood_from_another_user_does_not_keep_root_out(sockdir: Path) -> None:
+    """A loosened socket (0666 in a 0755 directory) lets any user connect.  A user who
+    floods it with connections must not make root's queries fail: connections are
+    bounded per peer (SO_PEERCRED) and root is answered first."""
+    with status.StatusServer(str(sockdir / "s.sock"), fake_status) as srv:
+        sockdir.chmod(0o755)
+        os.chmod(srv.path, 0o666)
+        flooders = [subprocess.Popen(["/usr/bin/python3", "-c", _FLOODER, srv.path, "20"],
+                                     stdout=subprocess.PIPE, text=True, cwd="/", user=NOBODY,
+                                     group=NOBODY, extra_groups=[]) for _ in range(2)]
+        try:
+            for f in flooders:
+                assert f.stdout is not None and f.stdout.readline() == "ready\n"
+            time.sleep(1.0)  # the flood is in full swing
+            answered, failures = 0, []
+            for _ in range(10):
+                try:
+                    answered += status.query(srv.path)["pid"] == 4242
+                except status.StatusError as e:
+                    failures.append(str(e))
+                time.sleep(0.2)
+            assert all(f.poll() is None for f in flooders), "the flood ended too early"
+        finally:
+            for f in flooders:
+                f.kill()
+                f.wait()
+        assert (answered, failures) == (10, [])
+        assert srv.refused > 0  # the flood was served its refusals, within bounds
