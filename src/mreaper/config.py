@@ -947,7 +947,8 @@ def _read_config(target: str) -> bytes:
                           "the path of a TOML file")
     if os.geteuid() == 0:
         try:
-            resolved = trust.resolve(target)
+            # joined, not normalized: a ".." after a symlink is the kernel's to resolve
+            resolved = trust.resolve(os.path.join(os.getcwd(), target))
         except trust.Untrusted as e:
             raise ConfigError(target, "--config", target, e.reason(target)) from None
         fd = trust.open_regular(resolved.path, nofollow=True)

@@ -439,7 +439,8 @@ def _check_socket_path(path: str) -> None:
     trusted_directory and the socket file be root's (or ours).  A socket's mode only
     says who may connect, so a loosened 0666 socket of root's is still root's."""
     try:
-        trusted_directory(os.path.dirname(path))
+        # joined, not normalized: a ".." after a symlink is the kernel's to resolve
+        trusted_directory(os.path.dirname(os.path.join(os.getcwd(), path)))
         st = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError) as e:
         raise NoDaemon(e.strerror or str(e)) from None
