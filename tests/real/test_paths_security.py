@@ -137,6 +137,10 @@ def test_sticky_directory_like_tmp_is_accepted_for_root_entries_only(base: Path)
     assert hook.read_text() == "#!/bin/sh\nexit 0\n"
     os.chown(hook, NOBODY, NOBODY)
     assert f"owned by uid {NOBODY}, not root" in refused(cfg)
+    # a hard link there to a root-owned binary: the name is anyone's to have made it
+    hook.unlink()
+    os.link(shutil.copy("/bin/true", base / "true"), hook)
+    assert "one of 2 hard links, in " in refused(cfg)
 
 
 def test_hook_whose_interpreter_another_user_controls_is_refused(base: Path) -> None:

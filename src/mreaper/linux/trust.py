@@ -16,7 +16,10 @@ euid) and none can be written by anyone else:
   would refuse every path under it, pytest's tmp_path included;
 - a symlink must be owned by a trusted uid (its mode means nothing), and its target
   is walked the same way, component by component;
-- the file at the end: trusted owner, not writable by group or others.
+- the file at the end: trusted owner, not writable by group or others; in a sticky
+  directory, also not one of several hard links (another user could have linked any
+  root-owned file, a binary say, under the expected name, where fs.protected_hardlinks
+  is 0).
 
 Once every component is trusted, only root can change what the path resolves to, so
 a path checked immediately before use is used as checked.
@@ -127,10 +130,10 @@ def resolve(path: str, *, trusted: Collection[int] | None = None,
     if not path.startswith("/"):
         raise OSError(errno.EINVAL, f"{path}: not an absolute path")
     allowed = trusted_uids() if trusted is None else frozenset(trusted)
-    st = os.lstat("/")
+    st = root_st = os.lstat("/")
     if problems := _problems(st, allowed, sticky_ok=True):
         raise Untrusted("/", "directory", " and ".join(problems), final=path == "/")
-    current = "/"
+    current, current_st = "/", root_st
     pending = deque(p for p in path.split("/") if p)
     links = 0
     while pending:
@@ -140,6 +143,7 @@ def resolve(path: str, *, trusted: Collection[int] | None = None,
         if name == "..":
             # `current` has no symlink in it (we resolved each one), so ".." is lexical
             current = os.path.dirname(current)
+            current_st = os.lstat(current)
             continue
         candidate = os.path.join(current, name)
         st = os.lstat(candidate)
@@ -153,7 +157,7 @@ def resolve(path: str, *, trusted: Collection[int] | None = None,
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
             target = os.readlink(candidate)
             if target.startswith("/"):
-                current = "/"
+                current, current_st = "/", root_st
             pending.extendleft(reversed([p for p in target.split("/") if p]))
             continue
         if last:
@@ -161,6 +165,13 @@ def resolve(path: str, *, trusted: Collection[int] | None = None,
                 "socket" if stat.S_ISSOCK(st.st_mode) else "file"
             problems = _problems(st, allowed,
                                  sticky_ok=final_sticky_ok and stat.S_ISDIR(st.st_mode))
+            if (current_st.st_mode & 0o022 and not stat.S_ISDIR(st.st_mode)
+                    and st.st_nlink > 1):
+                # In a directory anyone can write to (sticky, or it was refused above),
+                # another user can have made this name a hard link to any root-owned
+                # file, e.g. a binary (unless fs.protected_hardlinks = 1)
+                problems.append(f"one of {st.st_nlink} hard links, in {current}, a "
+                                "directory anyone can write to")
             if problems:
                 raise Untrusted(candidate, kind, " and ".join(problems), final=True)
         else:
@@ -168,7 +179,7 @@ def resolve(path: str, *, trusted: Collection[int] | None = None,
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), candidate)
             if problems := _problems(st, allowed, sticky_ok=True):
                 raise Untrusted(candidate, "directory", " and ".join(problems), final=False)
-        current = candidate
+        current, current_st = candidate, st
     if current == "/" or not path.strip("/"):
         return Resolved("/", os.lstat("/"))
     return Resolved(current, st)
