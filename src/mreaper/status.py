@@ -461,7 +461,8 @@ def query(path: str, timeout: float = CLIENT_TIMEOUT, cmd: str = "status") -> di
     """Ask the server at `path`; its answer as a dict (which may hold "error").
 
     Raises NoDaemon when nobody serves there, QueryDenied when the socket's mode keeps
-    us out, StatusError on a timeout or a malformed answer.
+    us out, UntrustedServer when another user controls the socket's path or serves it,
+    StatusError on a timeout or a malformed answer.
     """
     _check_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
