@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench clean deps install uninstall
+.PHONY: run test lint typecheck bench clean deps install uninstall man deb
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,17 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/kill_to_free.py
 
+# man pages, docs/configuration.md, the packaged default configuration and the shell
+# completions, generated from the parser and mreaper.config_schema (a test checks that
+# they are up to date)
+man: $(STAMP)
+	$(BIN)/python scripts/gen_docs.py
+
+# dist/mreaper_<version>_all.deb (debian/, dh-python/pybuild), checked by lintian in
+# tests/real/test_deb.py
+deb: deps
+	./scripts/build-deb
+
 PREFIX ?= /opt/mreaper
 
 install:
@@ -42,4 +53,4 @@ uninstall:
 	./contrib/install.sh --uninstall --prefix $(PREFIX)
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from mreaper import __version__, cli_status, config
+from mreaper import __version__, cli_status, config, install_files
 from mreaper.cli_history import add_history_parser, cmd_history
 from mreaper.cliargs import (
     ascii_integer,
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_history_parser(sub)
     cli_status.add_status_parsers(sub)
+    install_files.add_parser(sub)
 
     d = sub.add_parser("demo", help="show plain SIGKILL against kill-and-reap on a starved hog")
     d.add_argument("--size", type=signed_integer, default=256, metavar="MIB",
@@ -312,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"kill": cmd_kill, "run": cmd_run, "config": cmd_config, "explain": cmd_explain,
-                "history": cmd_history}
+                "history": cmd_history, "install-files": install_files.cmd_install_files}
     commands.update(cli_status.COMMANDS)
     if args.command in commands:
         try:
