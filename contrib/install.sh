@@ -5,12 +5,14 @@
 # docs/systemd.md.
 #
 #   contrib/install.sh [--prefix DIR] [--python PYTHON] [--wheel FILE] [--unit-dir DIR]
-#                      [--no-enable] [--no-start]
+#                      [--conf-dir DIR] [--no-enable] [--no-start]
 #   contrib/install.sh --uninstall [--prefix DIR] [--unit-dir DIR]
 #
 # --wheel installs a built wheel with no index (offline); otherwise pip builds this
-# source tree (which fetches setuptools from the package index).  Idempotent: run it
+# source tree (which fetches hatchling from the package index).  Idempotent: run it
 # again to upgrade; an existing configuration is kept and only checked.
+# PREFIX is the installer's own: it must be new or empty (or an earlier install), and
+# it is marked as created by install.sh; --uninstall removes only a marked PREFIX.
 set -eu
 
 PREFIX=/opt/mreaper
@@ -21,6 +23,7 @@ CONF_DIR=/etc/mreaper
 ENABLE=1
 START=1
 UNINSTALL=0
+MARKER_NAME=.created-by-mreaper-install.sh
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 
 die() { echo "install.sh: $*" >&2; exit 1; }
@@ -32,30 +35,62 @@ while [ $# -gt 0 ]; do
     --python) PYTHON=${2:?--python needs an interpreter}; shift 2 ;;
     --wheel) WHEEL=${2:?--wheel needs a file}; shift 2 ;;
     --unit-dir) UNIT_DIR=${2:?--unit-dir needs a directory}; shift 2 ;;
+    --conf-dir) CONF_DIR=${2:?--conf-dir needs a directory}; shift 2 ;;
     --no-enable) ENABLE=0; shift ;;
     --no-start) START=0; shift ;;
     --uninstall) UNINSTALL=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
 
 [ "$(id -u)" = 0 ] || die "run as root (it writes $PREFIX, $UNIT_DIR and $CONF_DIR)"
 case "$PREFIX" in /*) ;; *) die "--prefix must be an absolute path: $PREFIX" ;; esac
+PREFIX=${PREFIX%/}   # "/opt/mreaper/" and "/opt/mreaper" are one prefix; "/" becomes ""
+[ -n "$PREFIX" ] || die "--prefix /: the root directory is never a prefix"
+MARKER="$PREFIX/$MARKER_NAME"
 have_systemd() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }
+# The marker says install.sh created PREFIX: a regular file (not a symlink someone put
+# there to point elsewhere) in a real directory.
+marked() { [ -d "$PREFIX" ] && [ ! -L "$PREFIX" ] && [ -f "$MARKER" ] && [ ! -L "$MARKER" ]; }
 
 if [ "$UNINSTALL" = 1 ]; then
+  # Never rm -rf a directory install.sh did not create: `--prefix /usr/local` must not
+  # wipe /usr/local.
+  marked || die "refusing to remove $PREFIX: it has no $MARKER_NAME, so install.sh did not create it (nothing was removed)"
   if have_systemd; then
     systemctl disable --now mreaper.service 2>/dev/null || true
   fi
-  rm -f "$UNIT_DIR/mreaper.service" "$UNIT_DIR/mreaper.slice"
+  # the unit only if it is this install's (ExecStart= into PREFIX), else another's
+  if grep -qxF "ExecStart=$PREFIX/bin/mreaper run" "$UNIT_DIR/mreaper.service" 2>/dev/null; then
+    rm -f "$UNIT_DIR/mreaper.service" "$UNIT_DIR/mreaper.slice"
+    say "removed $UNIT_DIR/mreaper.service and mreaper.slice"
+  else
+    say "kept $UNIT_DIR/mreaper.service: it does not run $PREFIX/bin/mreaper"
+  fi
   have_systemd && systemctl daemon-reload
   rm -rf "$PREFIX"
-  say "removed the unit and $PREFIX; $CONF_DIR is kept"
+  say "removed $PREFIX; $CONF_DIR is kept"
   exit 0
 fi
 
-# 1. the virtualenv and the package
+# 1. the virtualenv and the package, in a PREFIX install.sh creates (or created before)
+if [ -e "$PREFIX" ] || [ -L "$PREFIX" ]; then
+  if ! marked; then
+    [ -d "$PREFIX" ] && [ ! -L "$PREFIX" ] || die "$PREFIX exists and is not a directory"
+    if [ -n "$(ls -A "$PREFIX")" ]; then
+      # an install from before the marker: a venv with our command and nothing else
+      extra=$(ls -A "$PREFIX" | grep -vxE 'bin|include|lib|lib64|share|pyvenv.cfg' || true)
+      if [ -n "$extra" ] || [ ! -f "$PREFIX/pyvenv.cfg" ] || [ ! -x "$PREFIX/bin/mreaper" ]; then
+        die "refusing to install into $PREFIX: it is not empty and install.sh did not create it (no $MARKER_NAME); give a new directory with --prefix"
+      fi
+      say "$PREFIX: an earlier install.sh venv, marked now"
+    fi
+  fi
+else
+  install -d -m 0755 "$PREFIX"
+fi
+[ -f "$MARKER" ] || echo "mreaper contrib/install.sh created this directory; 'install.sh --uninstall --prefix $PREFIX' removes it whole." > "$MARKER"
 if [ ! -x "$PREFIX/bin/python" ]; then
   "$PYTHON" -m venv "$PREFIX" || die "cannot create a venv with $PYTHON (Debian: apt-get install python3-venv)"
 fi
