@@ -41,7 +41,8 @@ man: $(STAMP)
 
 # dist/mreaper_<version>_all.deb (debian/, dh-python/pybuild), checked by lintian in
 # tests/real/test_deb.py
-deb: deps
+deb:
+	./scripts/install-deps --deb
 	./scripts/build-deb
 
 PREFIX ?= /opt/mreaper

@@ -54,7 +54,7 @@ def test_debian_build_dependencies_are_installed_by_install_deps() -> None:
     needed = {re.sub(r"\s*\(.*", "", d.strip()) for d in m.group(1).split(",") if d.strip()}
     needed.discard("debhelper-compat")  # a virtual package debhelper provides
     script = (REPO / "scripts" / "install-deps").read_text()
-    listed = set(" ".join(re.findall(r'DEBIAN_PACKAGES="([^"]*)"', script)).split())
+    listed = set(" ".join(re.findall(r'DEB_PACKAGES="([^"]*)"', script)).split())
     assert needed | {"debhelper", "lintian", "dpkg-dev"} <= listed
 
 
