@@ -86,9 +86,14 @@ GUEST = textwrap.dedent(r'''
     avail = meminfo("MemAvailable")
     kill = (avail - 300 * 2**20) // 2**20
     res["kill_mib"] = kill
-    with open("/etc/mreaper/mreaper.toml", "a") as f:
-        f.write("\n".join(["", "[memory]", f'warn = "{kill + 100}M"', 'term = "off"',
-                           f'kill = "{kill}M"', ""]))
+    # as an administrator edits the conffile: values under its [memory] header
+    with open("/etc/mreaper/mreaper.toml") as f:
+        text = f.read()
+    res["memory_header"] = text.count("\n[memory]\n")
+    text = text.replace("\n[memory]\n", "\n".join(
+        ["", "[memory]", f'warn = "{kill + 100}M"', 'term = "off"', f'kill = "{kill}M"', ""]), 1)
+    with open("/etc/mreaper/mreaper.toml", "w") as f:
+        f.write(text)
     res["reload"] = sh("systemctl", "reload", "mreaper.service")
     time.sleep(2)
     res["after_reload"] = props()
@@ -165,6 +170,7 @@ def test_dpkg_install_starts_the_service_ready(vm_run: dict[str, Any]) -> None:
 
 def test_reload_applies_the_changed_config(vm_run: dict[str, Any]) -> None:
     r = vm_run
+    assert r["memory_header"] == 1
     assert r["reload"][0] == 0, r["reload"]
     assert r["after_reload"]["ActiveState"] == "active"
     assert r["after_reload"]["MainPID"] == r["after_install"]["MainPID"]   # not a restart
