@@ -125,7 +125,9 @@ GUEST = textwrap.dedent(r'''
     after = snapshot()
     res["left_behind"] = sorted(after - before)
     res["gone"] = sorted(before - after)
-    res["listed_left"] = [f for f in res["listed"] if os.path.isfile(f) or os.path.islink(f)]
+    # files and links the package listed that are still there (not directories, such as
+    # /lib, a link to usr/lib on a merged-/usr system, that other packages share)
+    res["listed_left"] = [f for f in res["listed"] if os.path.lexists(f) and not os.path.isdir(f)]
     print(json.dumps(res), flush=True)
 ''')
 
