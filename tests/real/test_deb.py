@@ -2,7 +2,8 @@
 pybuild from debian/): lintian finds no error, the file list is what docs/install.md
 promises, runtime dependencies are python3 only (Prometheus as a Recommends), the
 configuration is a conffile, and the packaged command runs on the system python3 with
-nothing but the package's files.  (Installed under systemd as PID 1: not tested yet.)"""
+nothing but the package's files.  (Installed under systemd as PID 1, in the lab VM:
+tests/lab/test_deb_systemd.py.)"""
 
 from __future__ import annotations
 
