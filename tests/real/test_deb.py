@@ -1,6 +1,7 @@
 """The Debian package, built as `make deb` builds it (scripts/build-deb, dh-python and
 pybuild from debian/): lintian finds no error, the file list is what docs/install.md
-promises, runtime dependencies are python3 only (Prometheus as a Recommends), the
+promises, runtime dependencies are python3 and the library's requirements (python3-regex),
+Prometheus as a Recommends, the
 configuration is a conffile, and the packaged command runs on the system python3 with
 nothing but the package's files.  (Installed under systemd as PID 1, in the lab VM:
 tests/lab/test_deb_systemd.py.)"""
@@ -87,7 +88,12 @@ def test_file_list(files: set[str]) -> None:
 
 def test_dependencies_and_conffile(deb: Path, tmp_path: Path) -> None:
     depends = {d.split()[0].split(":")[0] for d in field(deb, "Depends").split(", ")}
-    assert depends == {"python3"}
+    # python3, and what dh_python3 maps the library's requirements to (regex ->
+    # python3-regex); nothing else
+    requirements = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    mapped = {"python3-" + re.split(r"[<>=!~ ;\[]", r, maxsplit=1)[0].lower()
+              for r in requirements}
+    assert depends == {"python3"} | mapped
     assert field(deb, "Recommends") == "python3-prometheus-client"
     assert field(deb, "Version") == VERSION
     assert field(deb, "Architecture") == "all"
