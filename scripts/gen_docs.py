@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from mreaper import __version__, config  # noqa: E402
+from mreaper import __version__, cli, config  # noqa: E402
 from mreaper.cli import build_parser  # noqa: E402
 from mreaper.config_schema import SECTIONS, VALUE_TYPES, Key, keys_of  # noqa: E402
 
@@ -135,11 +135,17 @@ def man_mreaper() -> str:
             out += [".TP", head, roff(_help(sub, a))]
     out += [".SH EXIT STATUS",
             ".TP", "0", "Success.",
-            ".TP", "1", roff("Permission denied or an input/output error (nothing was "
-                             "signalled)."),
-            ".TP", "2", roff("A bad argument or configuration value, with the file, key, "
-                             "value and what is allowed; or a target mreaper refuses to "
-                             "kill (nothing was signalled)."),
+            ".TP", str(cli.EXIT_FORBIDDEN),
+            roff("Permission denied or an input/output error (nothing was signalled)."),
+            ".TP", str(cli.EXIT_USAGE),
+            roff("A bad argument or configuration value, with the file, key, value and what "
+                 "is allowed; or a target mreaper refuses to kill (nothing was signalled)."),
+            ".TP", str(cli.EXIT_ZOMBIE),
+            roff("kill: the process had already exited, a zombie waiting for its parent "
+                 "(nothing was signalled)."),
+            ".TP", str(cli.EXIT_PIPE),
+            roff("The reader of the output went away (as a shell reports a command killed "
+                 "by SIGPIPE)."),
             ".SH FILES",
             ".TP", roff(config.DEFAULT_PATH), "The configuration, if present: "
             ".BR mreaper.toml (5).",
