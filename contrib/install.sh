@@ -74,7 +74,29 @@ if [ "$UNINSTALL" = 1 ]; then
   exit 0
 fi
 
+# Root runs what PREFIX holds (ExecStart=), so PREFIX and every directory above it must
+# be root's and writable by no one else: another user who could write there could swap
+# the files, or the directory itself.  A sticky directory above it (/tmp) is fine: others
+# cannot rename or remove what root made in it.
+check_root_only() {
+  dir=$PREFIX
+  while [ -n "$dir" ]; do
+    if [ -e "$dir" ]; then
+      # shellcheck disable=SC2046
+      set -- $(stat -L -c '%u %a' "$dir")
+      perm=$(( 0$2 ))
+      [ "$1" = 0 ] || die "refusing $PREFIX: $dir is owned by uid $1, not root (root would run what another user can replace)"
+      if [ $(( perm & 0022 )) -ne 0 ] && { [ "$dir" = "$PREFIX" ] || [ $(( perm & 01000 )) -eq 0 ]; }; then
+        die "refusing $PREFIX: $dir is writable by group or others (mode $2; root would run what another user can replace)"
+      fi
+    fi
+    [ "$dir" = / ] && break
+    dir=$(dirname "$dir")
+  done
+}
+
 # 1. the virtualenv and the package, in a PREFIX install.sh creates (or created before)
+check_root_only
 if [ -e "$PREFIX" ] || [ -L "$PREFIX" ]; then
   if ! marked; then
     [ -d "$PREFIX" ] && [ ! -L "$PREFIX" ] || die "$PREFIX exists and is not a directory"
@@ -88,7 +110,9 @@ if [ -e "$PREFIX" ] || [ -L "$PREFIX" ]; then
     fi
   fi
 else
-  install -d -m 0755 "$PREFIX"
+  # mkdir, not install -d: it fails if someone made PREFIX meanwhile
+  mkdir -p "$(dirname "$PREFIX")" && mkdir -m 0755 "$PREFIX" || die "cannot create $PREFIX"
+  check_root_only
 fi
 [ -f "$MARKER" ] || echo "mreaper contrib/install.sh created this directory; 'install.sh --uninstall --prefix $PREFIX' removes it whole." > "$MARKER"
 if [ ! -x "$PREFIX/bin/python" ]; then

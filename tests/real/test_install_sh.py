@@ -112,3 +112,34 @@ def test_install_refuses_a_non_empty_directory_it_did_not_create(tmp_path: Path,
     assert f"refusing to install into {shared}" in p.stderr
     assert contents(shared) == before
     assert not (tmp_path / "units").exists() and not (tmp_path / "etc").exists()
+
+
+def install_into(prefix: Path, tmp_path: Path, wheel: Path) -> subprocess.CompletedProcess[str]:
+    return sh("--prefix", str(prefix), "--wheel", str(wheel), "--python", sys.executable,
+              "--unit-dir", str(tmp_path / "units"), "--conf-dir", str(tmp_path / "etc"),
+              "--no-enable", "--no-start")
+
+
+def test_install_refuses_a_prefix_another_user_owns(tmp_path: Path, wheel: Path) -> None:
+    """Root would run what that user can replace: even empty and even marked, refused."""
+    prefix = tmp_path / "theirs"
+    prefix.mkdir()
+    (prefix / MARKER).write_text("planted\n")
+    os.chown(prefix, 65534, 65534)
+    p = install_into(prefix, tmp_path, wheel)
+    assert p.returncode != 0
+    assert f"refusing {prefix}: {prefix} is owned by uid 65534" in p.stderr
+    assert contents(prefix) == {MARKER}
+    assert not (tmp_path / "units").exists()
+
+
+def test_install_refuses_a_prefix_under_a_directory_others_can_write(tmp_path: Path,
+                                                                     wheel: Path) -> None:
+    """Not sticky: another user could rename the prefix away and put their own there."""
+    shared = tmp_path / "open"
+    shared.mkdir()
+    shared.chmod(0o777)
+    p = install_into(shared / "mreaper", tmp_path, wheel)
+    assert p.returncode != 0
+    assert f"{shared} is writable by group or others (mode 777" in p.stderr
+    assert not (shared / "mreaper").exists()
