@@ -105,22 +105,28 @@ def candidate(pid: int, cgroup: str, *, oom_score: int, adj: int, rss_mib: int,
 
 UID = "0d8f4a2e_51c3_4b1e_9a77_3c0f2b6d9e11"
 CID = "4f1c" * 16
+USER = "/user.slice/user-1000.slice/user@1000.service/app.slice"   # delegated to uid 1000
 
 
-def layouts(prefix: str) -> dict[str, list[policy.Candidate]]:
-    """kubelet's cgroups for each QoS class, systemd and cgroupfs drivers, as mreaper sees
-    them from its own cgroup namespace (`prefix` "/../..") or from the host's (""), with
-    the oom_score_adj kubelet gives each class (BestEffort 1000, Burstable 2-999,
-    Guaranteed -997, pause -998)."""
-    s = f"{prefix}/kubepods.slice"
+def layouts(view: str) -> dict[str, list[policy.Candidate]]:
+    """kubelet's cgroups for each QoS class, systemd and cgroupfs drivers, with the
+    oom_score_adj kubelet gives each class (BestEffort 1000, Burstable 2-999, Guaranteed
+    -997, pause -998), as mreaper reads them in /proc/<pid>/cgroup: from the host's
+    cgroup namespace ("host"), or from its own container's (the runtime gave it one; it
+    sits in a Burstable pod, three levels below kubepods), where the kernel shows paths
+    relative to its own cgroup ("ns")."""
+    if view == "host":
+        sd, fs, root = "/kubepods.slice", "/kubepods", ""
+    else:
+        sd = fs = "/../../.."
+        root = "/../../../.."
     cases = {
-        "besteffort": [f"{s}/kubepods-besteffort.slice/kubepods-besteffort-pod{UID}.slice/"
-                       f"cri-containerd-{CID}.scope",
-                       f"{prefix}/kubepods/besteffort/pod{UID}/{CID}"],
-        "burstable": [f"{s}/kubepods-burstable.slice/kubepods-burstable-pod{UID}.slice/"
-                      f"cri-containerd-{CID}.scope", f"{prefix}/kubepods/burstable/pod{UID}/{CID}"],
-        "guaranteed": [f"{s}/kubepods-pod{UID}.slice/cri-containerd-{CID}.scope",
-                       f"{prefix}/kubepods/pod{UID}/{CID}"],
+        "besteffort": [f"{sd}/kubepods-besteffort.slice/kubepods-besteffort-pod{UID}.slice/"
+                       f"cri-containerd-{CID}.scope", f"{fs}/besteffort/pod{UID}/{CID}"],
+        "burstable": [f"{sd}/kubepods-burstable.slice/kubepods-burstable-pod{UID}.slice/"
+                      f"cri-containerd-{CID}.scope", f"{fs}/burstable/pod{UID}/{CID}"],
+        "guaranteed": [f"{sd}/kubepods-pod{UID}.slice/cri-containerd-{CID}.scope",
+                       f"{fs}/pod{UID}/{CID}"],
     }
     adj = {"besteffort": 1000, "burstable": 500, "guaranteed": -997}
     out: dict[str, list[policy.Candidate]] = {}
@@ -137,19 +143,25 @@ def layouts(prefix: str) -> dict[str, list[policy.Candidate]]:
                               rss_mib=1, name="pause"),
                     candidate(pid + 2, cases["guaranteed"][1], oom_score=0, adj=-998,
                               rss_mib=1, name="pause")]
-    out["node"] = [candidate(pid + 3, f"{prefix}/system.slice/kubelet.service", oom_score=1900,
+    out["node"] = [candidate(pid + 3, f"{root}/system.slice/kubelet.service", oom_score=1900,
                              adj=-999, rss_mib=12000, name="kubelet"),
-                   candidate(pid + 4, f"{prefix}/system.slice/containerd.service",
+                   candidate(pid + 4, f"{root}/system.slice/containerd.service",
                              oom_score=1900, adj=-999, rss_mib=12000, name="containerd"),
-                   candidate(pid + 5, f"{prefix}/system.slice/cron.service", oom_score=1500,
+                   candidate(pid + 5, f"{root}/system.slice/cron.service", oom_score=1500,
                              adj=0, rss_mib=12000, name="bigcron")]
+    # a user's own cgroups named like kubelet's, in the subtree systemd delegates to them:
+    # neither protected nor taken for a pod
+    out["user"] = [candidate(pid + 6, f"{root}{USER}/system.slice/kubelet.service",
+                             oom_score=1800, adj=0, rss_mib=14000, name="userhog"),
+                   candidate(pid + 7, f"{root}{USER}/kubepods-besteffort.slice/x", oom_score=10,
+                             adj=0, rss_mib=50, name="usersmall")]
     return out
 
 
-@pytest.mark.parametrize("prefix", ["", "/../.."])
-def test_configmap_ranks_pods_as_kubernetes_would(prefix: str) -> None:
+@pytest.mark.parametrize("view", ["host", "ns"])
+def test_configmap_ranks_pods_as_kubernetes_would(view: str) -> None:
     cfg = config.apply(config.Config(), tomllib.loads(configmap_toml()), "configmap.yaml")
-    groups = layouts(prefix)
+    groups = layouts(view)
     ranked = policy.rank([c for cs in groups.values() for c in cs], cfg.rules,
                          sort_by=cfg.sort_by, min_rss=cfg.min_rss)
     order = [r.candidate.pid for r in ranked if r.eligible]
@@ -164,3 +176,7 @@ def test_configmap_ranks_pods_as_kubernetes_would(prefix: str) -> None:
     assert not any(qos_of[p] == "pause" for p in order)
     protected = {r.candidate.name for r in ranked if r.must_live}
     assert {"kubelet", "containerd"} <= protected
+    # the user's look-alike cgroups: no protection, no BestEffort bonus
+    by_name = {r.candidate.name: r for r in ranked}
+    assert by_name["userhog"].eligible and not by_name["userhog"].touched_by
+    assert not by_name["usersmall"].touched_by
