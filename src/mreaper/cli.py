@@ -21,7 +21,9 @@ from mreaper.cliargs import (
 )
 from mreaper.policy import printable
 from mreaper.reap import (
+    Escalation,
     KillOptions,
+    Mrelease,
     Victim,
     VictimError,
     VictimForbidden,
@@ -34,6 +36,7 @@ EXIT_FORBIDDEN = 1  # permission denied: nothing was signalled
 EXIT_ZOMBIE = 3     # `kill`: the process had already exited (a zombie): nothing was signalled
 EXIT_PIPE = 128 + signal.SIGPIPE  # 141: our output's reader went away (`| head`), as a
 #                                   shell reports a tool that SIGPIPE killed
+EXIT_INTERRUPTED = 130  # `kill` interrupted (128 + SIGINT): the victim was still killed
 
 
 def _pid(text: str) -> int:
@@ -244,18 +247,42 @@ def cmd_kill(args: argparse.Namespace) -> int:
     except VictimError as e:
         print(f"mreaper kill: {e}", file=sys.stderr)
         return EXIT_USAGE
-    with victim:
-        if _exited(victim):
-            print(f"mreaper kill: PID {victim.pid} ({printable(victim.name)}) is "
-                  f"already dead: a zombie waiting for its parent (PID {victim.stat.ppid}) "
-                  "to reap it; its memory is already freed, nothing was signalled",
-                  file=sys.stderr)
-            return EXIT_ZOMBIE
-        report = kill_and_reap(victim, KillOptions(term_timeout=args.term_timeout,
-                                                   mrelease=not args.no_mrelease),
-                               reason="mreaper kill")
+    # Ctrl-C (or a SIGTERM) while the victim is in its SIGTERM grace: it was meant to
+    # die, so it gets its SIGKILL now and is reaped, and we say so; before, a
+    # KeyboardInterrupt traceback left it SIGTERMed and alive with nothing said.
+    escalation = Escalation()
+    interrupted: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        interrupted.append(name)
+        escalation.stop(f"interrupted ({name}): SIGKILL at once")
+
+    saved = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with victim:
+            if _exited(victim):
+                print(f"mreaper kill: PID {victim.pid} ({printable(victim.name)}) is "
+                      f"already dead: a zombie waiting for its parent (PID "
+                      f"{victim.stat.ppid}) to reap it; its memory is already freed, nothing "
+                      "was signalled", file=sys.stderr)
+                return EXIT_ZOMBIE
+            report = kill_and_reap(victim, KillOptions(term_timeout=args.term_timeout,
+                                                       mrelease=not args.no_mrelease),
+                                   reason="mreaper kill", escalation=escalation)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        escalation.close()
     print(report.to_json() if args.json else report.human())
-    return 0
+    if interrupted:
+        what = ("spared it" if report.spared else
+                "sent " + "+".join(s.name for s in report.signals)
+                + (", reaped" if report.mrelease is Mrelease.REAPED else "")
+                + (", it exited" if report.exited else ", it has not exited yet"))
+        print(f"mreaper kill: interrupted by {interrupted[0]}: {what}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_USAGE if report.spared else 0
 
 
 def _exited(victim: Victim) -> bool:

@@ -290,6 +290,7 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signals: list[int] = []
         self._stop = False
+        self._stop_reason = "mreaper stopping"
         self.kills: list[KillReport] = []
         self.scopes: dict[str, Scope] = {}
         self._cache: CandidateCache | None = None
@@ -363,6 +364,7 @@ class Daemon:
             self._loop(pool, cache)
         finally:
             self.notify.stopping()
+            self._end_graces()
             if server is not None:
                 server.close()
             cache.stop()
@@ -611,6 +613,16 @@ class Daemon:
             scope.settle = (time.monotonic() + min(1.0, self.cfg.recovery_timeout), None)
             inflight.settled = True
             return
+        if result.spared:
+            # Not a kill: no sink hears of it (no metric, no post-kill hook).  The loop
+            # chooses again at its next look, with no settle time to wait out.
+            log.warning("%s%s; choosing again", _prefix(scope), result.human())
+            inflight.settled = True
+            if isinstance(result, KillReport):
+                self._killed.discard((result.pid, result.starttime))
+            else:
+                self._killed.difference_update(inflight.victims)
+            return
         if isinstance(result, GroupKillReport):
             log.warning("%s%s", "" if scope.name == MACHINE else f"[{scope.name}] ",
                         result.human())
@@ -642,7 +654,7 @@ class Daemon:
             unit = self._pick_group(scope, candidates, ranked)
             if unit is not None:
                 self._kill_group(scope, unit[0], unit[1], verdict, detected_at=detected_at,
-                                 pool=pool, age=age)
+                                 pool=pool, age=age, prefs=prefs)
                 return
         victim, chosen = self._pin_first(ranked, scope, prefs)
         if victim is None or chosen is None:
@@ -666,7 +678,7 @@ class Daemon:
             victim.close()
             self._kill_group(scope, group, f"memory.oom.group=1 of {victim.pid} "
                                            f"{victim.name!r}", again.verdict,
-                             detected_at=detected_at, pool=pool, age=age)
+                             detected_at=detected_at, pool=pool, age=age, prefs=prefs)
             return
         t_decided = time.monotonic()
         decided_ms = (t_decided - detected_at) * 1000
@@ -715,7 +727,8 @@ class Daemon:
         sent = (send_sigkill(victim, options, syscalls=self.syscalls)
                 if options.term_timeout == 0 and self._before_kill is None else None)
         future = pool.submit(victim, options, reason=why, escalation=escalation,
-                             on_released=on_released, sent=sent)
+                             on_released=on_released, sent=sent,
+                             recheck=self._protected_by_rules(prefs))
         future.add_done_callback(lambda _f: self._poke())
         key = (victim.pid, victim.starttime)
         self._killed.add(key)
@@ -746,7 +759,8 @@ class Daemon:
         return leaf if cgroup.oom_group(leaf) else None
 
     def _kill_group(self, scope: Scope, path: str, chosen: str, verdict: Verdict, *,
-                    detected_at: float, pool: ReaperPool, age: float) -> None:
+                    detected_at: float, pool: ReaperPool, age: float,
+                    prefs: dict[str, str]) -> None:
         try:
             victims, skipped = pin_cgroup(path, syscalls=self.syscalls)
         except VictimError as e:
@@ -770,7 +784,8 @@ class Daemon:
         options = KillOptions(exit_timeout=self.cfg.recovery_timeout, mrelease=self.cfg.mrelease)
         keys = tuple((v.pid, v.starttime) for v in victims)
         expected = sum(v.holdings.rss_anon for v in victims)
-        future = pool.submit_group(path, victims, options, reason=why, skipped=tuple(skipped))
+        future = pool.submit_group(path, victims, options, reason=why, skipped=tuple(skipped),
+                                   recheck=self._protected_by_rules(prefs))
         future.add_done_callback(lambda _f: self._poke())
         self._killed.update(keys)
         available = scope.last.available if scope.last else None
@@ -810,6 +825,20 @@ class Daemon:
                 continue
             return victim, r
         return None, None
+
+    def _protected_by_rules(self, prefs: dict[str, str]) -> Callable[[Victim], str | None]:
+        """What the reaper asks immediately before each signal (a SIGTERM grace or a
+        pre-kill hook may have run since the victim was pinned): does a protect rule,
+        user.oomd_omit or oom_score_adj -1000 cover the process now?  Victim.recheck
+        has just refreshed what it is called and runs as."""
+        def protected(victim: Victim) -> str | None:
+            now = policy.candidate_of(victim)
+            if now is None:
+                return None  # exiting (zombie, no mm): a signal to it harms no one
+            again = policy.rank([now], self.cfg.rules, sort_by=self.cfg.sort_by,
+                                cgroup_preferences=prefs)[0]
+            return again.excluded if again.must_live else None
+        return protected
 
     def _forget_gone(self) -> None:
         """Drop killed processes that are gone (or whose PID now names another)."""
@@ -852,7 +881,25 @@ class Daemon:
                 self.notify.ready(status_mod.summary(self.status(top=1)))
             else:
                 log.info("got %s, stopping", signal.Signals(sig).name)
+                self._stop_reason = f"mreaper stopping ({signal.Signals(sig).name})"
                 self._stop = True
+
+    def _end_graces(self) -> None:
+        """What a stop means for a victim in its SIGTERM grace (or waiting for a pre-kill
+        hook): it was already judged to die, so it gets its SIGKILL now (after the same
+        re-check as ever) and is reaped and reported before the daemon exits.  Waiting
+        out the grace held a stop for up to term_timeout, past systemd's TimeoutStopSec,
+        and leaving it SIGTERMed but alive kept the shortage it was chosen for."""
+        waiting = [(scope, f) for scope in self.scopes.values() for f in scope.inflight
+                   if f.escalation is not None and not f.future.done()]
+        if not waiting:
+            return
+        log.warning("stopping: %d victim(s) in their SIGTERM grace get SIGKILL now: %s",
+                    len(waiting), ", ".join(f"{_prefix(scope)}{pid}"
+                                            for scope, f in waiting for pid, _ in f.victims))
+        for _, f in waiting:
+            assert f.escalation is not None
+            f.escalation.stop(self._stop_reason)
 
     def _do_reload(self, cache: CandidateCache) -> None:
         if self._reload is None:

@@ -181,6 +181,34 @@ class Victim:
         return cls(pid=pid, pidfd=pidfd, stat=after, status=status, cmdline=cmdline,
                    cgroups=groups, charge_file=charge, oom_score=(score, adj))
 
+    def recheck(self, proc: str = procfs.PROC) -> str | None:
+        """Look at the pinned process again, just before a signal: a process may become
+        untouchable after it was chosen (exec into another name, a rename through
+        prctl(PR_SET_NAME) or /proc/self/comm, oom_score_adj -1000 written during a
+        SIGTERM grace or while a pre-kill hook runs).  Refreshes what the policy judges
+        (stat, status, name, cmdline, oom_score) and returns why it must now be spared
+        by every rule that lives here (reap.refusal, oom_score_adj -1000), or None.
+        Gone or recycled: None, as the pidfd's own signal then fails with ESRCH."""
+        try:
+            stat = procfs.read_stat(self.pid, proc)
+            if stat.starttime != self.starttime:
+                return None  # exited: /proc/<pid> names another process now
+            status = procfs.read_status(self.pid, proc)
+            score, adj = procfs.read_oom_score(self.pid, proc)
+            cmdline = procfs.read_cmdline(self.pid, proc)
+        except (procfs.ProcessGone, procfs.ParseError):
+            return None
+        self.stat, self.status, self.cmdline = stat, status, cmdline
+        self.name = status.name or stat.comm
+        self.uid = status.uid
+        self.oom_score, self.oom_score_adj = score, adj
+        reason = refusal(stat, status.tgid)
+        if reason:
+            return reason
+        if adj <= OOM_SCORE_ADJ_MIN:
+            return f"its oom_score_adj is now {adj}, the kernel's mark for a process never to kill"
+        return None
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -205,9 +233,26 @@ class Escalation:
 
     def __init__(self) -> None:
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.reason = ""
+        self.stopping = False
 
-    def set(self) -> None:
+    def set(self, reason: str = "") -> None:
+        if reason and not self.stopping:
+            self.reason = reason
         os.eventfd_write(self._fd, 1)
+
+    def stop(self, reason: str) -> None:
+        """The caller is stopping (the daemon got SIGTERM, `mreaper kill` got Ctrl-C): a
+        victim in its SIGTERM grace was already judged to die, so it is SIGKILLed and
+        reaped now rather than left SIGTERMed and alive; its exit is awaited only
+        briefly (STOP_EXIT_WAIT), so the caller stops within about a second."""
+        self.reason = reason
+        self.stopping = True
+        os.eventfd_write(self._fd, 1)
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._fd)
 
     def is_set(self) -> bool:
         r, _, _ = select.select([self._fd], [], [], 0)
@@ -268,6 +313,9 @@ class KillReport:
     freed_source: str                # "memcg <file>" or "MemAvailable"
     demoted: bool = False
     notes: tuple[str, ...] = field(default=())
+    # Not killed after all: why it became untouchable between its choice and the
+    # signal (the re-check before every signal).  "" for a kill.
+    spared: str = ""
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -283,6 +331,10 @@ class KillReport:
     def human(self) -> str:
         h = self.holdings
         sigs = "+".join(s.name for s in self.signals) or "no signal"
+        if self.spared:
+            return (f"spared {self.pid} {self.name!r} (uid {self.uid}; rss "
+                    f"{fmt_bytes(h.vm_rss)}) after {sigs}: {self.spared}"
+                    + (f" [{self.reason}]" if self.reason else ""))
         line = (f"killed {self.pid} {self.name!r} (uid {self.uid}; rss {fmt_bytes(h.vm_rss)}: "
                 f"anon {fmt_bytes(h.rss_anon)}, file {fmt_bytes(h.rss_file)}, shmem "
                 f"{fmt_bytes(h.rss_shmem)}; swap {fmt_bytes(h.vm_swap)}) with {sigs}")
@@ -420,13 +472,18 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
                   syscalls: Syscalls | None = None, escalation: Escalation | None = None,
                   meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo,
                   on_released: Callable[[], None] | None = None,
-                  sent: Sent | None = None) -> KillReport:
+                  sent: Sent | None = None,
+                  recheck: Callable[[Victim], str | None] | None = None) -> KillReport:
     """Run the kill sequence on a pinned victim and measure what came back.
 
     `on_released` is called as soon as the memory is known to be back (process_mrelease
     reaped it), before the wait for the exit: a victim stuck in D state may take long
     to exit, and the caller need not wait for that to act again.  `sent`: the caller
-    already sent SIGKILL with send_sigkill(); the sequence goes on from there."""
+    already sent SIGKILL with send_sigkill(); the sequence goes on from there.
+
+    Immediately before each signal it sends, the victim is looked at again
+    (Victim.recheck, then `recheck`, the caller's rules): one that became untouchable
+    since it was chosen is spared, and the report says why (`spared`)."""
     sc = syscalls or LinuxSyscalls()
     notes: list[str] = []
     signals: list[SignalSent] = []
@@ -444,6 +501,28 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
         wall = time.time()
         t0 = time.monotonic()
 
+    def protected_now() -> str | None:
+        why = victim.recheck()
+        if why is None and recheck is not None:
+            try:
+                why = recheck(victim)
+            except Exception as e:  # a victim we cannot judge is not signalled
+                logging.getLogger("mreaper").exception("re-check of %d failed", victim.pid)
+                why = f"it could not be judged again ({e})"
+        return why
+
+    def spare(why: str) -> KillReport:
+        when = ("during the SIGTERM grace" if signals else
+                "after it was chosen, before any signal")
+        return KillReport(
+            pid=victim.pid, starttime=victim.starttime, name=victim.name,
+            cmdline=victim.cmdline, uid=victim.uid, cgroup=victim.cgroups.unified,
+            memcg=victim.cgroups.memory_v1, holdings=victim.holdings, reason=reason,
+            wall_time=wall, signals=tuple(signals), mrelease=Mrelease.NOT_CALLED,
+            mrelease_errno="", mrelease_attempts=0, mrelease_s=None, kill_to_free_s=None,
+            kill_to_exit_s=None, exited=False, freed_bytes=None, freed_source="unmeasured",
+            notes=tuple(notes), spared=f"spared: became protected {when}: {why}")
+
     def send(sig: signal.Signals) -> bool:
         try:
             sc.pidfd_send_signal(victim.pidfd, sig)
@@ -453,16 +532,21 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
         signals.append(SignalSent(sig.name, time.monotonic() - t0))
         return True
 
-    if options.term_timeout > 0 and not options.killed_by and send(signal.SIGTERM):
-        fds = [victim.pidfd] + ([escalation.fileno()] if escalation else [])
-        woke = _wait_readable(fds, options.term_timeout)
-        if woke == victim.pidfd:
-            exit_at = time.monotonic()
-            notes.append("exited on SIGTERM")
-        elif woke is not None:
-            notes.append("SIGTERM grace period cut short: escalated")
-        else:
-            notes.append(f"ignored SIGTERM for {options.term_timeout:g} s")
+    if options.term_timeout > 0 and not options.killed_by:
+        if (why := protected_now()) is not None:
+            return spare(why)
+        if send(signal.SIGTERM):
+            fds = [victim.pidfd] + ([escalation.fileno()] if escalation else [])
+            woke = _wait_readable(fds, options.term_timeout)
+            if woke == victim.pidfd:
+                exit_at = time.monotonic()
+                notes.append("exited on SIGTERM")
+            elif woke is not None:
+                assert escalation is not None
+                notes.append("SIGTERM grace period cut short: "
+                             + (escalation.reason or "escalated"))
+            else:
+                notes.append(f"ignored SIGTERM for {options.term_timeout:g} s")
 
     kill_at: float | None = None
     outcome, err_name, attempts, mrelease_s, free_at = Mrelease.NOT_CALLED, "", 0, None, None
@@ -479,6 +563,11 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
         signals.append(SignalSent(options.killed_by, 0.0))
         kill_at = t0
     elif exit_at is None:
+        # The straight kill from the daemon's loop (`sent`) is judged by its pinning in
+        # the same thread just before, with nothing waited for in between; here a grace
+        # or a pre-kill hook may have run since.
+        if (why := protected_now()) is not None:
+            return spare(why)
         if options.demote:
             demoted = _demote(victim)
         if send(signal.SIGKILL):
@@ -492,11 +581,7 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
         if free_at is not None and on_released is not None:
             on_released()
     if exit_at is None:
-        remaining = options.exit_timeout - (time.monotonic() - (kill_at or t0))
-        if _wait_readable([victim.pidfd], max(remaining, 0.001)) is not None:
-            exit_at = time.monotonic()
-        else:
-            notes.append(f"still not exited {options.exit_timeout:g} s after SIGKILL")
+        exit_at = _wait_exit(victim, options, kill_at or t0, escalation, notes)
 
     if outcome is Mrelease.SHARED_MM:
         notes.append("address space shared with a live process (CLONE_VM) or a core dump "
@@ -524,6 +609,34 @@ def kill_and_reap(victim: Victim, options: KillOptions = KillOptions(), *, reaso
         exited=exit_at is not None, freed_bytes=freed, freed_source=source,
         demoted=demoted, notes=tuple(notes),
     )
+
+
+STOP_EXIT_WAIT = 1.0  # seconds the exit is awaited after SIGKILL once the caller stops
+
+
+def _wait_exit(victim: Victim, options: KillOptions, since: float,
+               escalation: Escalation | None, notes: list[str]) -> float | None:
+    """Wait for the victim's exit after SIGKILL, bounded by exit_timeout, or by
+    STOP_EXIT_WAIT once the caller stops (a victim in D state must not hold a daemon
+    past systemd's TimeoutStopSec).  The monotonic time of the exit, or None."""
+    deadline = since + options.exit_timeout
+    fds = [victim.pidfd] + ([escalation.fileno()] if escalation is not None else [])
+    while True:
+        if escalation is not None and escalation.stopping:
+            fds = [victim.pidfd]
+            deadline = min(deadline, time.monotonic() + STOP_EXIT_WAIT)
+        woke = _wait_readable(fds, max(deadline - time.monotonic(), 0.001))
+        if woke == victim.pidfd:
+            return time.monotonic()
+        if woke is None:
+            break
+        assert escalation is not None
+        escalation.drain()  # an escalation means nothing after SIGKILL; a stop does
+    if escalation is not None and escalation.stopping:
+        notes.append(f"not exited yet when mreaper stopped ({escalation.reason})")
+    else:
+        notes.append(f"still not exited {options.exit_timeout:g} s after SIGKILL")
+    return None
 
 
 def _mrelease(sc: Syscalls, pidfd: int,
@@ -615,14 +728,18 @@ class GroupKillReport:
     freed_source: str
     kill_to_free_s: float | None      # until the last member's memory was back
     notes: tuple[str, ...] = ()
+    spared: str = ""                  # not killed: a member became protected (why)
 
     def to_dict(self) -> dict[str, object]:
         return {"cgroup": self.cgroup, "reason": self.reason, "wall_time": self.wall_time,
                 "members": [m.to_dict() for m in self.members], "skipped": list(self.skipped),
                 "freed_bytes": self.freed_bytes, "freed_source": self.freed_source,
-                "kill_to_free_s": self.kill_to_free_s, "notes": list(self.notes)}
+                "kill_to_free_s": self.kill_to_free_s, "notes": list(self.notes),
+                "spared": self.spared}
 
     def human(self) -> str:
+        if self.spared:
+            return f"spared cgroup {self.cgroup}: {self.spared} [{self.reason}]"
         outcomes = ", ".join(f"{m.pid} {m.name!r} {m.mrelease.value}" for m in self.members)
         line = (f"killed cgroup {self.cgroup} ({len(self.members)} processes: {outcomes}) with "
                 f"cgroup.kill [{self.reason}]; memory back {fmt_ms(self.kill_to_free_s)} "
@@ -658,11 +775,26 @@ def pin_cgroup(cgroup_dir: str, *, proc: str = procfs.PROC,
 
 def kill_group(cgroup_dir: str, victims: list[Victim], options: KillOptions = KillOptions(), *,
                reason: str = "", syscalls: Syscalls | None = None,
-               skipped: tuple[str, ...] = ()) -> GroupKillReport:
+               skipped: tuple[str, ...] = (),
+               recheck: Callable[[Victim], str | None] | None = None) -> GroupKillReport:
     """cgroup.kill, then process_mrelease on each pinned member, then wait for the exits.
 
     The members are reaped one after another from this thread: each call frees at
-    ~10 GiB/s, and doing it here keeps a group kill from starving the pool."""
+    ~10 GiB/s, and doing it here keeps a group kill from starving the pool.
+
+    cgroup.kill spares no one: if a member became untouchable since the group was
+    chosen (Victim.recheck, then the caller's `recheck`), the whole group is spared."""
+    for v in victims:
+        why = v.recheck()
+        if why is None and recheck is not None:
+            why = recheck(v)
+        if why is not None:
+            return GroupKillReport(
+                cgroup=cgroup_dir, reason=reason, wall_time=time.time(), members=(),
+                skipped=skipped, freed_bytes=None, freed_source="unmeasured",
+                kill_to_free_s=None,
+                spared=f"spared: member {v.pid} {v.name!r} became protected after the group "
+                       f"was chosen: {why}")
     # What the group holds: its own memory.current (v2 with the memory controller), or
     # else the distinct memory cgroups its members are charged to (v1 on a hybrid host),
     # each read once before the kill and once after.
@@ -723,40 +855,46 @@ class ReaperPool:
     def submit(self, victim: Victim, options: KillOptions = KillOptions(), *, reason: str = "",
                escalation: Escalation | None = None,
                on_released: Callable[[], None] | None = None,
-               sent: Sent | None = None) -> Future[KillReport]:
+               sent: Sent | None = None,
+               recheck: Callable[[Victim], str | None] | None = None) -> Future[KillReport]:
         """Hand over a pinned victim; the pool owns its pidfd from now on and closes it.
-        `sent`: SIGKILL was already sent (send_sigkill); no pre-kill step runs then."""
+        `sent`: SIGKILL was already sent (send_sigkill); no pre-kill step runs then.
+        `recheck`: the caller's rules, asked again before each signal (kill_and_reap)."""
         with self._lock:
             if self._closed:
                 victim.close()
                 raise RuntimeError("reaper pool is shut down")
             return self._pool.submit(self._run, victim, options, reason=reason,
-                                     escalation=escalation, on_released=on_released, sent=sent)
+                                     escalation=escalation, on_released=on_released, sent=sent,
+                                     recheck=recheck)
 
     def submit_group(self, cgroup_dir: str, victims: list[Victim],
                      options: KillOptions = KillOptions(), *, reason: str = "",
-                     skipped: tuple[str, ...] = ()) -> Future[GroupKillReport]:
+                     skipped: tuple[str, ...] = (),
+                     recheck: Callable[[Victim], str | None] | None = None
+                     ) -> Future[GroupKillReport]:
         """Kill a cgroup whole and reap its pinned members; the pool closes their pidfds."""
         with self._lock:
             if self._closed:
                 for v in victims:
                     v.close()
                 raise RuntimeError("reaper pool is shut down")
-            return self._pool.submit(self._run_group, cgroup_dir, victims, options, reason,
-                                     skipped)
+            return self._pool.submit(self._run_group, cgroup_dir, victims, options,
+                                     reason=reason, skipped=skipped, recheck=recheck)
 
-    def _run_group(self, cgroup_dir: str, victims: list[Victim], options: KillOptions,
-                   reason: str, skipped: tuple[str, ...]) -> GroupKillReport:
+    def _run_group(self, cgroup_dir: str, victims: list[Victim], options: KillOptions, *,
+                   reason: str, skipped: tuple[str, ...],
+                   recheck: Callable[[Victim], str | None] | None) -> GroupKillReport:
         try:
             return kill_group(cgroup_dir, victims, options, reason=reason,
-                              syscalls=self._syscalls, skipped=skipped)
+                              syscalls=self._syscalls, skipped=skipped, recheck=recheck)
         finally:
             for v in victims:
                 v.close()
 
     def _run(self, victim: Victim, options: KillOptions, *, reason: str,
              escalation: Escalation | None, on_released: Callable[[], None] | None,
-             sent: Sent | None) -> KillReport:
+             sent: Sent | None, recheck: Callable[[Victim], str | None] | None) -> KillReport:
         try:
             if self._before_kill is not None and sent is None:
                 try:
@@ -765,7 +903,8 @@ class ReaperPool:
                     logging.getLogger("mreaper").exception("before-kill step failed; killing "
                                                            "anyway")
             return kill_and_reap(victim, options, reason=reason, syscalls=self._syscalls,
-                                 escalation=escalation, on_released=on_released, sent=sent)
+                                 escalation=escalation, on_released=on_released, sent=sent,
+                                 recheck=recheck)
         finally:
             victim.close()
 

@@ -1,0 +1,304 @@
+"""Signals, stops and privileges (issue 11, round 2), against the real kernel.
+
+- A victim that becomes protected after it was chosen (renames itself into a protected
+  name, writes oom_score_adj -1000) during its SIGTERM grace or while a pre-kill hook
+  runs is spared: no SIGKILL, and the report says why.
+- A stop (SIGTERM to the daemon, Ctrl-C to `mreaper kill`) during a victim's SIGTERM
+  grace SIGKILLs and reaps it at once, says so, and ends within seconds, not the grace.
+
+Every daemon runs in this process behind test_invariants' GuardedSyscalls, its levels
+just under the MemAvailable of the start less what this test's victims hold, every name
+but this run's own protected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_invariants import (
+    CLI,
+    MS_BIND,
+    PREFIX,
+    GuardedSyscalls,
+    Scenario,
+    _libc,
+    daemon_config,
+    own_pressure,
+    owned_by_test,
+    run_daemon,
+)
+
+from mreaper.hogs import MemoryCgroup, MiB
+from mreaper.linux import procfs
+from mreaper.reap import Victim
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: memory cgroups")
+
+# A victim: joins its memory cgroup, names itself, holds `size` bytes, says "ready".  On
+# SIGTERM it says "term" and lives on, after renaming itself (comm) to argv[5] if `mode`
+# is "rename".  Dies with the test (PR_SET_PDEATHSIG).
+VICTIM = r"""
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+procs, name, size, mode, safe = sys.argv[1:6]
+with open(procs, "w") as f:
+    f.write(str(os.getpid()))
+with open("/proc/self/comm", "w") as f:
+    f.write(name)
+block = bytearray(b"\x01") * int(size)
+
+def on_term(signum, frame):
+    if mode == "rename":
+        with open("/proc/self/comm", "w") as f:
+            f.write(safe)
+    print("term", flush=True)
+
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+while True:
+    signal.pause()
+"""
+
+SAFE = f"{PREFIX}-safe"
+MNT_DETACH = 2
+
+
+class VictimProc:
+    def __init__(self, cg: MemoryCgroup, size: int, mode: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", VICTIM, cg.procs_file, f"{PREFIX}-vic", str(size), mode,
+             SAFE], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        assert self.line(30) == "ready", "the victim did not start"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def line(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().decode().strip() if r else ""
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()  # our own child, not reaped yet
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@contextlib.contextmanager
+def minus_1000(pid: int, tmp: Path) -> Iterator[None]:
+    """/proc/<pid>/oom_score_adj reads -1000 until the end of the block.  This host
+    withholds CAP_SYS_RESOURCE even from root, so nobody can lower it there for real:
+    a file bind-mounted over it (as test_invariants does; every reader of the victim's
+    oom_score_adj sees it, another daemon on the machine included, which then spares
+    this test's victim, nothing else)."""
+    fake = tmp / f"oom_score_adj-{pid}"
+    fake.write_text("-1000\n")
+    target = f"/proc/{pid}/oom_score_adj"
+    if _libc.mount(str(fake).encode(), target.encode(), None, MS_BIND, None) != 0:
+        raise OSError(ctypes.get_errno(), f"bind mount over {target}")
+    try:
+        yield
+    finally:
+        _libc.umount2(target.encode(), MNT_DETACH)
+
+
+@pytest.fixture
+def cg() -> Iterator[MemoryCgroup]:
+    made = MemoryCgroup.create(limit=512 * MiB)
+    yield made
+    made.remove()
+
+
+def sigs_to(guard: GuardedSyscalls, pid: int) -> list[str]:
+    return [signal.Signals(s).name for p, s in guard.signalled() if p == pid]
+
+
+def grace_config(base: int, *, term_timeout: float) -> Any:
+    """Term level 100 MiB under `base`, kill level 600 MiB under it: a 200 MiB victim
+    puts the daemon at the term level only (warn off)."""
+    return daemon_config(available=base, headroom=600 * MiB, term=100 * MiB, rules=[
+        {"action": "protect", "name": f"^{SAFE}$"},
+        {"action": "prefer", "name": f"^{PREFIX}-vic$", "adjust": 100_000},
+    ], extra={"memory": {"warn": "off"}, "kill": {"term_timeout": term_timeout,
+                                                   "sort_by": "rss"}})
+
+
+# --- protection re-checked before every signal -------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["rename", "adj"])
+def test_victim_protected_during_its_sigterm_grace_is_not_sigkilled(
+        cg: MemoryCgroup, mode: str, tmp_path: Path) -> None:
+    """The victim answers SIGTERM by making itself untouchable (a protected name, or
+    oom_score_adj -1000) and stays: at the end of the grace the daemon must look again
+    and spare it, not SIGKILL it, and say so."""
+    base = procfs.read_meminfo().mem_available
+    victim = VictimProc(cg, 200 * MiB, mode)
+    guard = GuardedSyscalls(owned_by_test(os.getpid()))
+
+    def scenario(s: Scenario) -> None:
+        s.wait(lambda: "SIGTERM" in sigs_to(guard, victim.pid), 20, "the SIGTERM")
+        assert victim.line(10) == "term"
+        with minus_1000(victim.pid, tmp_path) if mode == "adj" else contextlib.nullcontext():
+            # the grace (2 s) ends, the daemon looks again: spared, and it chooses again
+            s.wait(lambda: any("spared" in line for line in run_log), 15, "the victim spared")
+
+    run_log: list[str] = []
+    try:
+        with _log_into(run_log):
+            run = run_daemon(grace_config(base, term_timeout=2.0), scenario, syscalls=guard,
+                             meminfo=own_pressure([cg], base), timeout=60)
+        alive = victim.proc.poll() is None
+    finally:
+        victim.kill()
+    assert run.crash is None, run.crash_text()
+    assert guard.violations == []
+    text = "\n".join(run.log)
+    assert sigs_to(guard, victim.pid) == ["SIGTERM"], text
+    assert alive, text
+    spared = [line for line in run.log if "spared" in line]
+    assert spared and "became protected during the SIGTERM grace" in spared[0], text
+    assert ("oom_score_adj is now -1000" if mode == "adj" else f"^{SAFE}$") in spared[0], text
+    assert run.daemon.kills == [], "a spared victim is not a kill"
+
+
+def test_victim_protected_while_the_pre_kill_hook_runs_is_not_signalled(
+        cg: MemoryCgroup, tmp_path: Path) -> None:
+    """At the kill level, with a pre-kill step: while it runs, the victim becomes
+    oom_score_adj -1000.  The SIGKILL after the hook must see it."""
+    base = procfs.read_meminfo().mem_available
+    victim = VictimProc(cg, 200 * MiB, "ignore")
+    guard = GuardedSyscalls(owned_by_test(os.getpid()))
+    hooked: list[int] = []
+    stack = contextlib.ExitStack()
+
+    def before_kill(v: Victim, _reason: str) -> None:
+        stack.enter_context(minus_1000(v.pid, tmp_path))
+        hooked.append(v.pid)
+
+    def scenario(s: Scenario) -> None:
+        s.wait(lambda: any("spared" in line for line in run_log), 20, "the victim spared")
+
+    cfg = daemon_config(available=base, headroom=100 * MiB, rules=[
+        {"action": "prefer", "name": f"^{PREFIX}-vic$", "adjust": 100_000}],
+        extra={"kill": {"sort_by": "rss"}})
+    run_log: list[str] = []
+    try:
+        with _log_into(run_log):
+            run = run_daemon(cfg, scenario, syscalls=guard, meminfo=own_pressure([cg], base),
+                             before_kill=before_kill, timeout=60)
+        alive = victim.proc.poll() is None
+    finally:
+        stack.close()
+        victim.kill()
+    assert run.crash is None, run.crash_text()
+    text = "\n".join(run.log)
+    assert hooked[:1] == [victim.pid], text
+    assert sigs_to(guard, victim.pid) == [], text
+    assert alive, text
+    spared = [line for line in run.log if "spared" in line]
+    assert "became protected after it was chosen, before any signal" in spared[0], text
+
+
+@contextlib.contextmanager
+def _log_into(lines: list[str]) -> Iterator[None]:
+    """Mirror what logger "mreaper" says into `lines` while the daemon runs (run_daemon's
+    own copy is handed over only at the end)."""
+    import logging
+
+    class Into(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(f"{record.levelname} {record.getMessage()}")
+
+    logger = logging.getLogger("mreaper")
+    handler = Into(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+# --- a stop during a SIGTERM grace -----------------------------------------------------------
+
+
+def test_sigterm_to_the_daemon_during_a_grace_sigkills_reaps_and_reports_the_victim(
+        cg: MemoryCgroup) -> None:
+    """A 30 s grace, a victim that ignores SIGTERM, and SIGTERM to the daemon: the daemon
+    SIGKILLs and reaps the victim at once, reports it, and is gone well before the grace
+    would have ended (bound 10 s: not a timing figure, just "not the grace")."""
+    base = procfs.read_meminfo().mem_available
+    victim = VictimProc(cg, 200 * MiB, "ignore")
+    guard = GuardedSyscalls(owned_by_test(os.getpid()))
+    stopped_at: list[float] = []
+
+    def scenario(s: Scenario) -> None:
+        s.wait(lambda: "SIGTERM" in sigs_to(guard, victim.pid), 20, "the SIGTERM")
+        assert victim.line(10) == "term"
+        stopped_at.append(time.monotonic())
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+        s.stopped.wait(40)
+
+    try:
+        run = run_daemon(grace_config(base, term_timeout=30.0), scenario, syscalls=guard,
+                         meminfo=own_pressure([cg], base), timeout=90)
+        took = time.monotonic() - stopped_at[0]
+        rc = victim.proc.wait(timeout=10)
+    finally:
+        victim.kill()
+    assert run.crash is None, run.crash_text()
+    assert guard.violations == []
+    text = "\n".join(run.log)
+    assert took < 10, f"the daemon took {took:.1f} s to stop during a 30 s grace:\n{text}"
+    assert rc == -signal.SIGKILL, text
+    assert sigs_to(guard, victim.pid) == ["SIGTERM", "SIGKILL"], text
+    assert [k.pid for k in run.daemon.kills] == [victim.pid], text
+    report = run.daemon.kills[0]
+    assert report.exited, text
+    assert any("mreaper stopping (SIGTERM)" in n for n in report.notes), report.notes
+    stopping = next(i for i, line in enumerate(run.log) if "got SIGTERM, stopping" in line)
+    said = next(i for i, line in enumerate(run.log) if "SIGTERM grace get SIGKILL now" in line)
+    killed = next(i for i, line in enumerate(run.log) if f"killed {victim.pid}" in line)
+    assert stopping < said < killed, text
+    assert run.log[-1].endswith("stopped"), text
+
+
+def test_ctrl_c_on_mreaper_kill_during_the_grace_sigkills_and_says_so(cg: MemoryCgroup) -> None:
+    """`mreaper kill --term-timeout 30` on a victim that ignores SIGTERM, then Ctrl-C
+    (SIGINT): no traceback; the victim is SIGKILLed and reaped, and the output says so."""
+    victim = VictimProc(cg, 64 * MiB, "ignore")
+    try:
+        kill = subprocess.Popen([*CLI, "kill", "--term-timeout", "30", str(victim.pid)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert victim.line(20) == "term", "no SIGTERM reached the victim"
+        kill.send_signal(signal.SIGINT)
+        try:
+            out, err = kill.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            kill.kill()
+            out, err = kill.communicate()
+            raise AssertionError(f"mreaper kill still waits after Ctrl-C: {out}{err}") from None
+        rc = victim.proc.wait(timeout=10)
+    finally:
+        victim.kill()
+    assert "Traceback" not in err, err
+    assert kill.returncode == 130, (kill.returncode, out, err)
+    assert rc == -signal.SIGKILL
+    assert f"killed {victim.pid}" in out and "SIGTERM+SIGKILL" in out, out
+    assert "interrupted (SIGINT)" in out, out
+    assert "interrupted by SIGINT: sent SIGTERM+SIGKILL, reaped, it exited" in err, err
