@@ -66,6 +66,13 @@ def test_service_type_lifecycle_and_self_protection() -> None:
     assert one(u, "Install", "WantedBy") == "multi-user.target"
 
 
+def test_conflicts_with_every_other_userspace_killer() -> None:
+    """Two killers act twice on one shortage; systemd-oomd is on by default on Fedora
+    and Ubuntu desktops, so it must be named too."""
+    assert {"earlyoom.service", "nohang.service", "nohang-desktop.service",
+            "systemd-oomd.service"} <= words(parse(UNIT), "Unit", "Conflicts")
+
+
 def test_slice_carries_the_protection_from_the_root() -> None:
     u = parse(SLICE)
     assert one(u, "Slice", "MemoryMin") == "64M"
