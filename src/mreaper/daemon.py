@@ -14,12 +14,15 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
 import select
 import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from mreaper import config as config_mod
 from mreaper import policy, sdnotify
@@ -36,6 +39,7 @@ from mreaper.reap import (
     ReaperPool,
     Victim,
     VictimError,
+    VictimForbidden,
     fmt_bytes,
     pin_cgroup,
     send_sigkill,
@@ -65,6 +69,35 @@ OWN_HIGH_MARGIN = 16 << 20  # lift our own cgroup's memory.high when this close 
 MIN_GRACE = 1.0      # a SIGTERM grace shorter than this helps no victim: SIGKILL instead
 PARK_FOR = 2.0       # seconds at most the background scan parks for a dying victim
 SCAN_DUTY = 0.25     # at most this share of a CPU for the scan under pressure
+IDLE_FIRST = 0.05    # first wait before looking again for a victim when none may die
+NEW_PIDS_MAX = 4096  # more new PIDs than this since the last look: just look again
+NEW_PID_SETTLE = 0.1  # a new process is judged this long after it appeared: a fork of a
+#                       shell (a protected name) is the leak only once it has exec'd
+
+
+@dataclass
+class _Idle:
+    """A scope at a kill level where no process may be killed: the search for a victim
+    is backed off (IDLE_FIRST, doubling up to scan_interval) until the level changes or
+    a new process that could be a victim appears."""
+
+    severity: Severity
+    delay: float
+    until: float
+    last_pid: int  # the newest PID seen (/proc/loadavg)
+    # PIDs handed out since the search, not looked at yet: (after, up to, first seen)
+    pending: tuple[int, int, float] | None = None
+
+
+def _last_pid() -> int:
+    """The PID most recently handed out in our PID namespace: the last field of
+    /proc/loadavg (the kernel's pid_ns->last_pid).  One small read, to learn whether a
+    process may have started since, without listing /proc."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 # --- logging ---------------------------------------------------------------------------
@@ -129,6 +162,71 @@ def protect_self(cfg: Config) -> list[str]:
         except OSError as e:
             problems.append(f"cannot set SCHED_FIFO: {e.strerror}")
     return problems
+
+
+# --- privileges: what this daemon can and cannot do ----------------------------------------
+
+# include/uapi/linux/capability.h
+CAP_KILL, CAP_IPC_LOCK, CAP_SYS_PTRACE, CAP_SYS_NICE, CAP_SYS_RESOURCE = 5, 14, 19, 23, 24
+
+
+def _cap_eff(status: str = "/proc/self/status") -> int:
+    try:
+        with open(status) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _has_cap(cap: int) -> bool:
+    return bool(_cap_eff() >> cap & 1)
+
+
+def privileges(cfg: Config, proc: str = procfs.PROC) -> tuple[list[str], list[str]]:
+    """What this daemon may do as who it runs, for the start-up log: (facts, lacks).
+    Each missing capability is named with what it costs here; process_mrelease and
+    pidfd_open need none (a pidfd is all the reaping takes).  A daemon run by hand as
+    a user used to learn this only at its first kill, from a debug line."""
+    caps = _cap_eff()
+    uid = os.geteuid()
+    facts, lacks = [], []
+    if caps >> CAP_KILL & 1:
+        facts.append(f"running as uid {uid} with CAP_KILL: may signal any process the rules "
+                     "allow")
+    else:
+        # kill(2)'s check (kill_ok_by_cred): our uid or euid must be the target's uid or
+        # saved uid.  /proc/<pid> is owned by the target's euid: near enough to count.
+        owners: Counter[int] = Counter()
+        for pid in procfs.list_pids(proc):
+            with contextlib.suppress(OSError):
+                owners[os.stat(f"{proc}/{pid}").st_uid] += 1
+        mine, total = owners[uid], sum(owners.values())
+        others = ", ".join(f"uid {u}: {n}" for u, n in owners.most_common(4) if u != uid)
+        lacks.append(f"CAP_KILL: may kill only processes of uid {uid} ({mine} of {total} now); "
+                     f"cannot kill the other {total - mine} ({others or 'none'}): at a kill "
+                     "level with only those to kill, nothing is killed; run as root")
+    if not caps >> CAP_SYS_RESOURCE & 1:
+        lacks.append("CAP_SYS_RESOURCE: PSI trigger windows must be multiples of 2 s (else "
+                     f"EINVAL), and oom_score_adj {cfg.oom_score_adj} only if not below the "
+                     "one we started with")
+    if cfg.mlockall and not caps >> CAP_IPC_LOCK & 1:
+        lacks.append(f"CAP_IPC_LOCK: mlockall within RLIMIT_MEMLOCK ({_memlock_limit()}) "
+                     "only: the daemon may be paged out under the pressure it must act on")
+    if not caps >> CAP_SYS_NICE & 1 and (cfg.realtime or cfg.demote or cfg.nice < 0):
+        lacks.append("CAP_SYS_NICE: no daemon.realtime / negative nice for us, no kill.demote "
+                     "of other users' victims")
+    if not caps >> CAP_SYS_PTRACE & 1 and any(r.exe is not None for r in cfg.rules):
+        lacks.append("CAP_SYS_PTRACE: /proc/<pid>/exe of other users' processes cannot be "
+                     "read, so exe = rules do not match them")
+    return facts, lacks
+
+
+def _memlock_limit() -> str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return "unlimited" if soft == resource.RLIM_INFINITY else fmt_bytes(soft)
 
 
 # --- the candidate list, kept fresh in the background ------------------------------------
@@ -311,6 +409,9 @@ class Daemon:
         self._mounts: cgroup.Mounts | None = None
         self._pressure_path = pressure_path
         self.notify = sdnotify.Notifier()
+        self._idle: dict[str, _Idle] = {}  # scopes where no process may be killed now
+        self._passed_over: Counter[str] = Counter()  # why, at the last search
+        self._forbidden: set[tuple[int, int]] = set()  # EPERM already logged for these
 
     # -- signals: recorded by the handler, handled in the loop
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -334,6 +435,11 @@ class Daemon:
         if not support.mrelease and cfg.mrelease:
             log.warning("process_mrelease unavailable: kills will wait for the victim's own "
                         "exit path")
+        facts, lacks = privileges(cfg)
+        for fact in facts:
+            log.info("privileges: %s", fact)
+        for lack in lacks:
+            log.warning("privileges: without %s", lack)
         for problem in protect_self(cfg):
             log.warning("self-protection: %s", problem)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -494,10 +600,65 @@ class Daemon:
             for inflight in scope.inflight:
                 if inflight.escalation:
                     inflight.escalation.set()  # cut a SIGTERM grace period short
-        if verdict.severity >= Severity.TERM and self._ready(scope, look.available):
+        if (verdict.severity >= Severity.TERM and self._ready(scope, look.available)
+                and self._worth_a_search(scope, verdict.severity, now)):
             with cache.hold():
                 self._act(scope, verdict, now, pool, cache)
-        return verdict.severity >= Severity.WARN
+        # Backed off (nothing may be killed): the background scan need not hurry either.
+        return verdict.severity >= Severity.WARN and scope.name not in self._idle
+
+    def _worth_a_search(self, scope: Scope, severity: Severity, now: float) -> bool:
+        """Search for a victim now?  Always, unless the last search found none at this
+        same level: then only once the back-off has run out, or as soon as a process
+        that could be a victim has started since (a leak is very often a new process),
+        judged NEW_PID_SETTLE after it appeared.  Searching on every look (100 a second
+        at poll_min) re-listed /proc each time: 63 % of a CPU with 5,000 processes, for
+        the same answer.  A process that becomes a candidate later (renamed after start)
+        waits for the back-off, at most scan_interval, as it waited for the scan."""
+        idle = self._idle.get(scope.name)
+        if idle is None:
+            return True
+        if severity != idle.severity:
+            del self._idle[scope.name]
+            return True
+        if now >= idle.until:
+            return True
+        newest = _last_pid()
+        if newest != idle.last_pid:
+            since = idle.pending[0] if idle.pending else idle.last_pid
+            first = idle.pending[2] if idle.pending else now
+            idle.pending, idle.last_pid = (since, newest, first), newest
+        if idle.pending is None or now - idle.pending[2] < NEW_PID_SETTLE:
+            return False
+        since, newest, _ = idle.pending
+        idle.pending = None
+        return self._new_candidate(scope, since, newest)
+
+    def _new_candidate(self, scope: Scope, since: int, newest: int) -> bool:
+        """Is one of the PIDs handed out after `since` up to `newest` a process that the
+        rules let die?  PIDs grow until they wrap at pid_max: looked at one by one
+        (threads and gone ones cost one failed read each); a wrap or a burst is just
+        searched."""
+        if since < 0 or not 0 < newest - since <= NEW_PIDS_MAX:
+            return True
+        for pid in range(since + 1, newest + 1):
+            try:
+                c = policy.snapshot(pid)
+            except (procfs.ProcessGone, procfs.ParseError, OSError):
+                continue
+            if c is None:
+                continue
+            r = policy.rank([c], self.cfg.rules, sort_by=self.cfg.sort_by,
+                            min_rss=self.cfg.min_rss, scope_cgroup=scope.cgroup_path)[0]
+            if r.excluded is None:
+                return True
+        return False
+
+    def _back_off(self, scope: Scope, severity: Severity) -> None:
+        idle = self._idle.get(scope.name)
+        delay = IDLE_FIRST if idle is None else min(idle.delay * 2,
+                                                    max(self.cfg.scan_interval, IDLE_FIRST))
+        self._idle[scope.name] = _Idle(severity, delay, time.monotonic() + delay, _last_pid())
 
     @staticmethod
     def _dying(scope: Scope, now: float) -> bool:
@@ -653,17 +814,23 @@ class Daemon:
         if isinstance(scope, CgroupScope) and scope.sc.unit == "cgroup":
             unit = self._pick_group(scope, candidates, ranked)
             if unit is not None:
+                self._idle.pop(scope.name, None)
                 self._kill_group(scope, unit[0], unit[1], verdict, detected_at=detected_at,
                                  pool=pool, age=age, prefs=prefs)
                 return
         victim, chosen = self._pin_first(ranked, scope, prefs)
         if victim is None or chosen is None:
-            if not scope.warned_no_victim:
-                log.error("%s%s, but no process may be killed (all protected, excluded or "
-                          "gone)", _prefix(scope), verdict.reason)
+            self._back_off(scope, verdict.severity)
+            if not scope.warned_no_victim:  # once, not on every search
+                why = ", ".join(f"{n} {what}" for what, n in self._passed_over.most_common(6))
+                log.error("%s%s, but no process may be killed: %s; searching again with a "
+                          "back-off of up to %g s, at once when a new process starts or the "
+                          "level changes", _prefix(scope), verdict.reason,
+                          why or "no process at all", self.cfg.scan_interval)
                 scope.warned_no_victim = True
             return
         scope.warned_no_victim = False
+        self._idle.pop(scope.name, None)
         t_pinned = time.monotonic()
         # One more look: the scan may have taken long enough for pressure to clear.
         again = scope.look(t_pinned)
@@ -798,19 +965,36 @@ class Daemon:
         ranked alone with the rules, so one that has since become protected (exec'd
         into a protected name, oom_score_adj -1000) is never signalled."""
         self._forget_gone()
+        passed = self._passed_over
+        passed.clear()
         for r in ranked:
             if r.excluded is not None:
+                passed[r.excluded.split("; ")[0]] += 1
                 continue
             c = r.candidate
             if (c.pid, c.starttime) in self._killed:
+                passed["killed already, not exited yet"] += 1
                 continue  # killed already, not exited yet (stuck): killing it again frees nothing
             try:
                 victim = Victim.open(c.pid, starttime=c.starttime, syscalls=self.syscalls,
                                      mounts=self._mounts)
+            except VictimForbidden as e:
+                # EPERM: the kill this daemon exists for cannot happen; say so loudly,
+                # once per process (not at debug level, as if it were a race).
+                passed["not ours to signal (EPERM)"] += 1
+                if (c.pid, c.starttime) not in self._forbidden:
+                    if len(self._forbidden) > 10_000:
+                        self._forbidden.clear()
+                    self._forbidden.add((c.pid, c.starttime))
+                    log.error("cannot kill %d %r: %s%s", c.pid, c.name, e,
+                              "" if _has_cap(CAP_KILL) else " (mreaper lacks CAP_KILL)")
+                continue
             except VictimError as e:
+                passed["gone or refused"] += 1
                 log.debug("skipping %d: %s", c.pid, e)
                 continue
             except OSError as e:  # EMFILE, ENOMEM...: this one cannot be pinned now
+                passed["could not be pinned"] += 1
                 log.warning("cannot pin %d %r: %s", c.pid, c.name, e)
                 continue
             now = policy.candidate_of(victim)
@@ -819,6 +1003,7 @@ class Daemon:
                                 cgroup_preferences=prefs) if now is not None else []
             if not again or again[0].excluded is not None:
                 why = again[0].excluded if again else "no longer a candidate"
+                passed["changed since the ranking"] += 1
                 log.info("%d %r changed since it was ranked (%s): not killed", c.pid, c.name,
                          why)
                 victim.close()

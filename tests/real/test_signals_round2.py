@@ -31,6 +31,7 @@ from test_invariants import (
     CLI,
     MS_BIND,
     PREFIX,
+    SLEEP,
     GuardedSyscalls,
     Scenario,
     _libc,
@@ -302,3 +303,78 @@ def test_ctrl_c_on_mreaper_kill_during_the_grace_sigkills_and_says_so(cg: Memory
     assert f"killed {victim.pid}" in out and "SIGTERM+SIGKILL" in out, out
     assert "interrupted (SIGINT)" in out, out
     assert "interrupted by SIGINT: sent SIGTERM+SIGKILL, reaped, it exited" in err, err
+
+
+# --- no spinning at a kill level where nothing may be killed ---------------------------------
+
+
+def test_nothing_to_kill_backs_off_the_search_and_still_finds_a_new_process(
+        cg: MemoryCgroup, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """At the kill level with every process protected, the daemon looks at memory as
+    often as ever (poll_min) but must not list /proc on every look: counted in looks,
+    not seconds, over 300 looks.  It says once why nothing may be killed.  And a
+    killable process started meanwhile is still found well before the back-off
+    (scan_interval 2 s, 200 looks at poll_min) would have come round."""
+    base = procfs.read_meminfo().mem_available
+    guarded = VictimProc(cg, 200 * MiB, "ignore")  # ours, but protected by a rule
+    guard = GuardedSyscalls(owned_by_test(os.getpid()))
+    listings: list[int] = []
+    real_list_pids = procfs.list_pids
+
+    def counting_list_pids(proc: str = procfs.PROC) -> list[int]:
+        listings.append(1)
+        return real_list_pids(proc)
+
+    monkeypatch.setattr(procfs, "list_pids", counting_list_pids)
+    pressure = own_pressure([cg], base)
+    looks: list[int] = []
+
+    def meminfo() -> procfs.MemInfo:
+        looks.append(1)
+        return pressure()
+
+    sleep = tmp_path / f"{PREFIX}-new"  # comm is the file name: a killable name at exec
+    sleep.write_bytes(Path(SLEEP).read_bytes())
+    sleep.chmod(0o755)
+    counted: dict[str, int] = {}
+    newcomer: list[subprocess.Popen[bytes]] = []
+
+    def scenario(s: Scenario) -> None:
+        s.wait(lambda: any("no process may be killed" in line for line in run_log), 20,
+               "the daemon to find nothing to kill")
+        start_looks, start_listings = len(looks), len(listings)
+        deadline = time.monotonic() + 60  # a slow machine: fewer looks, counted all the same
+        while len(looks) - start_looks < 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        counted["looks"] = len(looks) - start_looks
+        counted["listings"] = len(listings) - start_listings
+        # Before: one listing (or more) per look.  Backed off: a handful.
+        assert counted["listings"] * 5 < counted["looks"], counted
+        newcomer.append(subprocess.Popen([str(sleep), "1000"]))
+        spawned = len(looks)
+        s.wait(lambda: newcomer[0].poll() is not None, 20, "the new process to be killed")
+        counted["looks_to_kill"] = len(looks) - spawned
+        s.reported(1)
+
+    run_log: list[str] = []
+    cfg = daemon_config(available=base, headroom=100 * MiB, rules=[
+        {"action": "protect", "name": f"^{PREFIX}-vic$"}])
+    try:
+        with _log_into(run_log):
+            run = run_daemon(cfg, scenario, syscalls=guard, meminfo=meminfo, timeout=120)
+    finally:
+        guarded.kill()
+        for p in newcomer:
+            p.kill()
+            p.wait()
+    assert run.crash is None, run.crash_text()
+    assert guard.violations == []
+    text = "\n".join(run.log[:20])
+    print(f"back-off: {counted}")
+    assert counted["looks"] >= 300 and counted["listings"] < 40, (counted, text)
+    assert counted["looks_to_kill"] < 150, (counted, text)
+    said = [line for line in run.log if "no process may be killed" in line]
+    assert len(said) == 1, said
+    assert said[0].startswith("ERROR") and "protected by rule" in said[0], said
+    assert sigs_to(guard, guarded.pid) == []
+    assert [k.pid for k in run.daemon.kills] == [newcomer[0].pid]
