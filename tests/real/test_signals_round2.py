@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +42,8 @@ from test_invariants import (
     run_daemon,
 )
 
-from mreaper.hogs import MemoryCgroup, MiB
+from helpers import is_alive_unsignalled
+from mreaper.hogs import GiB, MemoryCgroup, MiB
 from mreaper.linux import procfs
 from mreaper.reap import Victim
 
@@ -370,7 +372,6 @@ def test_nothing_to_kill_backs_off_the_search_and_still_finds_a_new_process(
     assert run.crash is None, run.crash_text()
     assert guard.violations == []
     text = "\n".join(run.log[:20])
-    print(f"back-off: {counted}")
     assert counted["looks"] >= 300 and counted["listings"] < 40, (counted, text)
     assert counted["looks_to_kill"] < 150, (counted, text)
     said = [line for line in run.log if "no process may be killed" in line]
@@ -378,3 +379,55 @@ def test_nothing_to_kill_backs_off_the_search_and_still_finds_a_new_process(
     assert said[0].startswith("ERROR") and "protected by rule" in said[0], said
     assert sigs_to(guard, guarded.pid) == []
     assert [k.pid for k in run.daemon.kills] == [newcomer[0].pid]
+
+
+# --- not root ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_unprivileged_daemon_says_what_it_cannot_kill_and_logs_eperm_as_error(
+        cg: MemoryCgroup, tmp_path: Path) -> None:
+    """`mreaper run` as nobody, at a kill level whose only candidate is root's: the
+    start-up says which capabilities it lacks and what it may kill, and the refused
+    kill is an error line (journal priority <3>), not a debug one.  Nothing is signalled:
+    nobody may not (the kernel's check), and every other name is protected."""
+    victim = VictimProc(cg, 64 * MiB, "ignore")
+    mem = procfs.read_meminfo()
+    kill_at = min(mem.mem_available + GiB, mem.mem_total - GiB)
+    assert kill_at > mem.mem_available + 256 * MiB, "no room for a kill level over MemAvailable"
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "w") as log:
+        st = os.fstat(log.fileno())
+        # stderr is "the journal stream": lines carry their syslog priority (<3> error).
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        daemon = subprocess.Popen(
+            ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+             *CLI, "run", "--memory-warn", "off", "--memory-term", "off",
+             "--memory-kill", f"{kill_at // MiB}M", "--psi-warn", "off", "--psi-term", "off",
+             "--psi-kill", "off", "--protect", f"^(?!{PREFIX}-vic$)"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd="/")
+    try:
+        deadline = time.monotonic() + 30
+        while f"cannot kill {victim.pid}" not in log_path.read_text():
+            assert daemon.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)  # a look or two more: the refusal must be said once only
+        alive = is_alive_unsignalled(victim.pid)
+    finally:
+        daemon.terminate()  # our own child
+        daemon.wait(timeout=15)
+        victim.kill()
+    lines = log_path.read_text().splitlines()
+    text = "\n".join(lines)
+    assert alive, text
+    privileges = [line for line in lines if "privileges:" in line]
+    lacking = next(line for line in privileges if "without CAP_KILL" in line)
+    assert lacking.startswith("<4>") and "may kill only processes of uid 65534" in lacking, text
+    assert any("without CAP_SYS_RESOURCE" in line for line in privileges), text
+    assert any("without CAP_IPC_LOCK" in line for line in privileges), text
+    refused = [line for line in lines if f"cannot kill {victim.pid}" in line]
+    assert len(refused) == 1 and refused[0].startswith("<3>"), text
+    assert "permission denied" in refused[0] and "lacks CAP_KILL" in refused[0], text
+    nothing = [line for line in lines if "no process may be killed" in line]
+    assert len(nothing) == 1 and "1 not ours to signal (EPERM)" in nothing[0], text
