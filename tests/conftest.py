@@ -7,10 +7,13 @@ exactly what a kill gave back.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -23,6 +26,13 @@ if os.path.dirname(__file__) not in sys.path:
 
 MiB = hogs.MiB
 GiB = hogs.GiB
+
+# Each test session has its own single-instance lock (mreaper.instance): the `mreaper
+# run` daemons it starts must not be refused because another session's daemon runs on
+# this shared machine.  Tests of the lock itself pass --lock-file.
+_LOCK_DIR = tempfile.mkdtemp(prefix="mreaper-test-lock-")
+os.environ.setdefault("MREAPER_LOCK_FILE", os.path.join(_LOCK_DIR, "mreaper.lock"))
+atexit.register(shutil.rmtree, _LOCK_DIR, True)
 
 ROOT_REASON = "needs root: memory cgroups, freezer, signals across users, ns_last_pid"
 

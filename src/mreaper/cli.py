@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import select
 import signal
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from mreaper import __version__, cli_status, config, install_files
+from mreaper import __version__, cli_status, config, install_files, instance
 from mreaper.cli_history import add_history_parser, cmd_history
 from mreaper.cliargs import (
     ascii_integer,
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="rank within a configured [[scope]] (default: the machine)")
         if name == "run":
             c.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
+            c.add_argument("--lock-file", metavar="PATH",
+                           help="the single-instance lock (default $MREAPER_LOCK_FILE, else "
+                                f"{instance.DEFAULT} as root)")
+            c.add_argument("--allow-second-instance", action="store_true",
+                           help="run even while another mreaper holds the lock (two killers "
+                                "act twice on one shortage)")
 
     add_history_parser(sub)
     cli_status.add_status_parsers(sub)
@@ -177,10 +184,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = checked_config(args)
     setup_logging(cfg.log, args.verbose)
-    sink, hooks = build_sink(cfg)
-    daemon = Daemon(cfg, reload=lambda: checked_config(args), sink=sink,
-                    before_kill=hooks.before_kill if hooks and hooks.pre_kill else None)
-    return daemon.run()
+    log = logging.getLogger("mreaper")
+    path = args.lock_file or instance.default_path()
+    lock = None
+    try:
+        lock = instance.acquire(path)
+    except instance.AlreadyRunning as e:
+        if not args.allow_second_instance:
+            log.error("%s: refusing to start a second killer (two act twice on one "
+                      "shortage); stop it first, or pass --allow-second-instance", e)
+            return EXIT_FORBIDDEN
+        log.warning("%s: starting beside it, as --allow-second-instance asks", e)
+    except instance.InstanceError as e:
+        if not args.allow_second_instance:
+            log.error("single-instance lock: %s", e)
+            return EXIT_FORBIDDEN
+        log.warning("single-instance lock: %s; starting without it, as "
+                    "--allow-second-instance asks", e)
+    try:
+        sink, hooks = build_sink(cfg)
+        daemon = Daemon(cfg, reload=lambda: checked_config(args), sink=sink,
+                        before_kill=hooks.before_kill if hooks and hooks.pre_kill else None)
+        return daemon.run()
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def cmd_config(args: argparse.Namespace) -> int:

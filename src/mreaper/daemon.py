@@ -194,7 +194,7 @@ def privileges(cfg: Config, proc: str = procfs.PROC) -> tuple[list[str], list[st
     uid = os.geteuid()
     facts, lacks = [], []
     if caps >> CAP_KILL & 1:
-        facts.append(f"running as uid {uid} with CAP_KILL: may signal any process the rules "
+        facts.append(f"uid {uid} with CAP_KILL: may signal any process the rules "
                      "allow")
     else:
         # kill(2)'s check (kill_ok_by_cred): our uid or euid must be the target's uid or

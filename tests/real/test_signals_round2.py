@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from test_invariants import (
     run_daemon,
 )
 
+from daemon_harness import DaemonProcess
 from helpers import is_alive_unsignalled
 from mreaper.hogs import GiB, MemoryCgroup, MiB
 from mreaper.linux import procfs
@@ -396,6 +398,8 @@ def test_unprivileged_daemon_says_what_it_cannot_kill_and_logs_eperm_as_error(
     kill_at = min(mem.mem_available + GiB, mem.mem_total - GiB)
     assert kill_at > mem.mem_available + 256 * MiB, "no room for a kill level over MemAvailable"
     log_path = tmp_path / "daemon.log"
+    lock_dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-lock-"))  # tmp_path is root's 0700
+    os.chown(lock_dir, 65534, 65534)  # nobody's own lock directory
     with open(log_path, "w") as log:
         st = os.fstat(log.fileno())
         # stderr is "the journal stream": lines carry their syslog priority (<3> error).
@@ -404,7 +408,8 @@ def test_unprivileged_daemon_says_what_it_cannot_kill_and_logs_eperm_as_error(
             ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
              *CLI, "run", "--memory-warn", "off", "--memory-term", "off",
              "--memory-kill", f"{kill_at // MiB}M", "--psi-warn", "off", "--psi-term", "off",
-             "--psi-kill", "off", "--protect", f"^(?!{PREFIX}-vic$)"],
+             "--psi-kill", "off", "--protect", f"^(?!{PREFIX}-vic$)",
+             "--lock-file", str(lock_dir / "mreaper.lock")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd="/")
     try:
         deadline = time.monotonic() + 30
@@ -418,6 +423,7 @@ def test_unprivileged_daemon_says_what_it_cannot_kill_and_logs_eperm_as_error(
         daemon.terminate()  # our own child
         daemon.wait(timeout=15)
         victim.kill()
+        shutil.rmtree(lock_dir, ignore_errors=True)
     lines = log_path.read_text().splitlines()
     text = "\n".join(lines)
     assert alive, text
@@ -431,3 +437,63 @@ def test_unprivileged_daemon_says_what_it_cannot_kill_and_logs_eperm_as_error(
     assert "permission denied" in refused[0] and "lacks CAP_KILL" in refused[0], text
     nothing = [line for line in lines if "no process may be killed" in line]
     assert len(nothing) == 1 and "1 not ours to signal (EPERM)" in nothing[0], text
+
+
+# --- one killer per machine -------------------------------------------------------------------
+
+
+def _run_briefly(*args: str, timeout: float = 20.0) -> tuple[int | None, str]:
+    """`mreaper run ARGS`: its exit code and stderr if it exits within `timeout`, else
+    (None, stderr so far) after stopping it (it started: a second killer)."""
+    proc = subprocess.Popen([*CLI, "run", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+        return proc.returncode, err
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # our own child
+        _, err = proc.communicate()
+        return None, err
+
+
+def test_a_second_mreaper_run_is_refused_with_the_pid_of_the_first(tmp_path: Path) -> None:
+    """While one `mreaper run` holds the lock, a second refuses to start and names the
+    first's PID; --allow-second-instance runs it anyway, saying so.  A lock left by a
+    killed daemon is no obstacle; a lock file another user made, a symlink, or a
+    directory others may write are refused, each by name."""
+    cfg = tmp_path / "mreaper.toml"
+    cfg.write_text('[status]\nsocket = ""\n[daemon]\nmlockall = false\n')
+    lock = tmp_path / "run" / "mreaper.lock"
+    lock.parent.mkdir(mode=0o700)
+    common = ("--config", str(cfg), "--dry-run", "--lock-file", str(lock))
+    first = DaemonProcess(*common)
+    try:
+        rc, err = _run_briefly(*common)
+        assert rc == 1, f"a second mreaper ran beside the first (rc {rc}): {err}"
+        assert f"another mreaper runs (PID {first.proc.pid}, lock {lock})" in err, err
+        assert "--allow-second-instance" in err, err
+        second = DaemonProcess(*common, "--allow-second-instance")
+        second.wait_for(rf"another mreaper runs \(PID {first.proc.pid}.*starting beside it")
+        assert second.stop() == 0, "\n".join(second.lines)
+    finally:
+        first.proc.kill()  # our own child: dies holding the lock, as in a crash
+        first.proc.wait()
+    assert lock.read_text().strip() == str(first.proc.pid)  # stale, and harmless:
+    third = DaemonProcess(*common)
+    assert third.stop() == 0, "\n".join(third.lines)
+
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o700)
+    (planted / "mreaper.lock").write_text("1\n")
+    os.chown(planted / "mreaper.lock", 65534, 65534)
+    (planted / "link.lock").symlink_to(planted / "target")
+    (planted / "target").write_text("")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    for path, says in ((planted / "mreaper.lock", "is owned by uid 65534, not by us"),
+                       (planted / "link.lock", "is a symlink: refused"),
+                       (loose / "mreaper.lock", "is writable by others (mode 0777)")):
+        rc, err = _run_briefly("--config", str(cfg), "--dry-run", "--lock-file", str(path))
+        assert rc == 1 and f"{path.parent}" in err and says in err, (path, rc, err)
+    assert (planted / "target").read_text() == "", "followed the symlink"
