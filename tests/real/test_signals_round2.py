@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,9 @@ from test_invariants import (
 
 from daemon_harness import DaemonProcess
 from helpers import is_alive_unsignalled
-from mreaper.hogs import GiB, MemoryCgroup, MiB
-from mreaper.linux import procfs
-from mreaper.reap import Victim
+from mreaper.hogs import GiB, Hog, MemoryCgroup, MiB
+from mreaper.linux import cgroup, procfs
+from mreaper.reap import KillOptions, Victim, kill_group, pin_cgroup
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: memory cgroups")
 
@@ -497,3 +498,46 @@ def test_a_second_mreaper_run_is_refused_with_the_pid_of_the_first(tmp_path: Pat
         rc, err = _run_briefly("--config", str(cfg), "--dry-run", "--lock-file", str(path))
         assert rc == 1 and f"{path.parent}" in err and says in err, (path, rc, err)
     assert (planted / "target").read_text() == "", "followed the symlink"
+
+
+def test_group_kill_spares_the_group_when_a_member_became_protected(
+        cg: MemoryCgroup, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """cgroup.kill spares no one: a member that became oom_score_adj -1000 after the
+    group was pinned keeps the whole group alive (and cgroup.kill is never written)."""
+    unified = cgroup.find_mounts().unified
+    if not unified or not os.path.exists(os.path.join(unified, "cgroup.procs")):
+        pytest.fail("no cgroup2 mount on this host")
+    group = os.path.join(unified, f"{PREFIX}-group-{uuid.uuid4().hex[:6]}")
+    os.mkdir(group)
+    writes: list[str] = []
+    real_kill = cgroup.kill
+    monkeypatch.setattr(cgroup, "kill", lambda d: (writes.append(d), real_kill(d)))
+    guard = GuardedSyscalls(owned_by_test(os.getpid()))
+    members = [Hog(16 * MiB, cg, name=f"{PREFIX}-g{i}", also_in=[group]) for i in range(2)]
+    try:
+        victims, _ = pin_cgroup(group, syscalls=guard)
+        try:
+            with minus_1000(members[1].pid, tmp_path):
+                report = kill_group(group, victims, KillOptions(exit_timeout=10),
+                                    syscalls=guard)
+        finally:
+            for v in victims:
+                v.close()
+        alive = [is_alive_unsignalled(h.pid) for h in members]
+    finally:
+        for h in members:
+            h.kill()
+        with contextlib.suppress(OSError):
+            real_kill(group)
+        deadline = time.monotonic() + 10
+        while os.path.exists(group):
+            try:
+                os.rmdir(group)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+    assert writes == [], "cgroup.kill written for a group holding a protected process"
+    assert alive == [True, True]
+    assert report.members == () and f"member {members[1].pid}" in report.spared, report
+    assert "oom_score_adj is now -1000" in report.spared
