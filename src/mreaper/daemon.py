@@ -32,6 +32,7 @@ from mreaper.detect import PSI_RECHECK, Severity, Verdict
 from mreaper.linux import cgroup, procfs
 from mreaper.linux.syscalls import LinuxSyscalls, Syscalls, lock_memory, probe_support
 from mreaper.reap import (
+    STOP_EXIT_WAIT,
     Escalation,
     GroupKillReport,
     KillOptions,
@@ -1079,9 +1080,11 @@ class Daemon:
                    if f.escalation is not None and not f.future.done()]
         if not waiting:
             return
-        log.warning("stopping: %d victim(s) in their SIGTERM grace get SIGKILL now: %s",
-                    len(waiting), ", ".join(f"{_prefix(scope)}{pid}"
-                                            for scope, f in waiting for pid, _ in f.victims))
+        log.warning("stopping: %d kill(s) under way (%s) end now: a victim in its SIGTERM "
+                    "grace gets SIGKILL at once, and is reaped and reported; an exit is "
+                    "awaited %g s at most", len(waiting),
+                    ", ".join(f"{_prefix(scope)}{pid}" for scope, f in waiting
+                              for pid, _ in f.victims), STOP_EXIT_WAIT)
         for _, f in waiting:
             assert f.escalation is not None
             f.escalation.stop(self._stop_reason)

@@ -278,7 +278,7 @@ def test_sigterm_to_the_daemon_during_a_grace_sigkills_reaps_and_reports_the_vic
     assert report.exited, text
     assert any("mreaper stopping (SIGTERM)" in n for n in report.notes), report.notes
     stopping = next(i for i, line in enumerate(run.log) if "got SIGTERM, stopping" in line)
-    said = next(i for i, line in enumerate(run.log) if "SIGTERM grace get SIGKILL now" in line)
+    said = next(i for i, line in enumerate(run.log) if "grace gets SIGKILL at once" in line)
     killed = next(i for i, line in enumerate(run.log) if f"killed {victim.pid}" in line)
     assert stopping < said < killed, text
     assert run.log[-1].endswith("stopped"), text
