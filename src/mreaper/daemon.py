@@ -210,9 +210,16 @@ def privileges(cfg: Config, proc: str = procfs.PROC) -> tuple[list[str], list[st
                      f"cannot kill the other {total - mine} ({others or 'none'}): at a kill "
                      "level with only those to kill, nothing is killed; run as root")
     if not caps >> CAP_SYS_RESOURCE & 1:
-        lacks.append("CAP_SYS_RESOURCE: PSI trigger windows must be multiples of 2 s (else "
-                     f"EINVAL), and oom_score_adj {cfg.oom_score_adj} only if not below the "
-                     "one we started with")
+        triggers = [t for t in (*cfg.psi.values(), *(t for sc in cfg.scopes
+                                                     for t in sc.psi.values())) if t]
+        odd = sorted({str(t) for t in triggers if t.window_us % 2_000_000})
+        own = _own_oom_score_adj()
+        costs = ([f"PSI triggers {', '.join(odd)}: the kernel refuses windows that are not "
+                  "multiples of 2 s (EINVAL)"] if odd else []) + (
+            [f"oom_score_adj {cfg.oom_score_adj}: below our {own}, refused (EACCES)"]
+            if own is not None and cfg.oom_score_adj < own else [])
+        if costs:
+            lacks.append("CAP_SYS_RESOURCE: " + "; ".join(costs))
     if cfg.mlockall and not caps >> CAP_IPC_LOCK & 1:
         lacks.append(f"CAP_IPC_LOCK: mlockall within RLIMIT_MEMLOCK ({_memlock_limit()}) "
                      "only: the daemon may be paged out under the pressure it must act on")
@@ -223,6 +230,14 @@ def privileges(cfg: Config, proc: str = procfs.PROC) -> tuple[list[str], list[st
         lacks.append("CAP_SYS_PTRACE: /proc/<pid>/exe of other users' processes cannot be "
                      "read, so exe = rules do not match them")
     return facts, lacks
+
+
+def _own_oom_score_adj() -> int | None:
+    try:
+        with open("/proc/self/oom_score_adj") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def _memlock_limit() -> str:

@@ -431,7 +431,8 @@ def test_unprivileged_daemon_says_what_it_cannot_kill_and_logs_eperm_as_error(
     privileges = [line for line in lines if "privileges:" in line]
     lacking = next(line for line in privileges if "without CAP_KILL" in line)
     assert lacking.startswith("<4>") and "may kill only processes of uid 65534" in lacking, text
-    assert any("without CAP_SYS_RESOURCE" in line for line in privileges), text
+    assert any("without CAP_SYS_RESOURCE: oom_score_adj -1000: below our 0" in line
+               for line in privileges), text
     assert any("without CAP_IPC_LOCK" in line for line in privileges), text
     refused = [line for line in lines if f"cannot kill {victim.pid}" in line]
     assert len(refused) == 1 and refused[0].startswith("<3>"), text
