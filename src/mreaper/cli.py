@@ -306,7 +306,8 @@ def cmd_kill(args: argparse.Namespace) -> int:
     if interrupted:
         what = ("spared it" if report.spared else
                 "sent " + "+".join(s.name for s in report.signals)
-                + (", reaped" if report.mrelease is Mrelease.REAPED else "")
+                + (f", process_mrelease {report.mrelease.value}"
+                   if report.mrelease is not Mrelease.NOT_CALLED else "")
                 + (", it exited" if report.exited else ", it has not exited yet"))
         print(f"mreaper kill: interrupted by {interrupted[0]}: {what}", file=sys.stderr)
         return EXIT_INTERRUPTED
