@@ -616,6 +616,11 @@ class Daemon:
             for inflight in scope.inflight:
                 if inflight.escalation:
                     inflight.escalation.set()  # cut a SIGTERM grace period short
+        if verdict.severity < Severity.TERM and scope.name in self._idle:
+            # Out of the kill levels: a return to one is a new level, searched at once
+            # and, if still nothing may be killed, said again.
+            del self._idle[scope.name]
+            scope.warned_no_victim = False
         if (verdict.severity >= Severity.TERM and self._ready(scope, look.available)
                 and self._worth_a_search(scope, verdict.severity, now)):
             with cache.hold():

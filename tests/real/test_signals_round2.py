@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import select
 import shutil
@@ -543,3 +544,43 @@ def test_group_kill_spares_the_group_when_a_member_became_protected(
     assert alive == [True, True]
     assert report.members == () and f"member {members[1].pid}" in report.spared, report
     assert "oom_score_adj is now -1000" in report.spared
+
+
+def test_nothing_to_kill_is_said_again_when_the_kill_level_returns() -> None:
+    """The back-off and the one line belong to one stay at the kill level: leaving it and
+    coming back is a new level, searched at once and said again (counted in looks)."""
+    base = procfs.read_meminfo().mem_available
+    below = [True]  # MemAvailable 200 MiB under the kill level (100 MiB under base) or not
+    looks: list[int] = []
+
+    def meminfo() -> procfs.MemInfo:
+        looks.append(1)
+        real = procfs.read_meminfo()
+        return dataclasses.replace(real, mem_available=base - (300 * MiB if below[0] else 0))
+
+    def said() -> int:
+        return sum("no process may be killed" in line for line in run_log)
+
+    counted: dict[str, int] = {}
+
+    def scenario(s: Scenario) -> None:
+        s.wait(lambda: said() == 1, 20, "the daemon to find nothing to kill")
+        below[0] = False
+        start = len(looks)
+        s.wait(lambda: len(looks) - start >= 20, 20, "20 looks out of the kill level")
+        below[0] = True
+        back = len(looks)
+        s.wait(lambda: said() == 2, 20, "nothing to kill, said again")
+        counted["looks_to_say_again"] = len(looks) - back
+
+    run_log: list[str] = []
+    guard = GuardedSyscalls(owned_by_test(os.getpid()))
+    with _log_into(run_log):
+        run = run_daemon(daemon_config(available=base, headroom=200 * MiB,
+                                       extra={"memory": {"warn": "off"},
+                                              "detect": {"scan_interval": 60.0}}),
+                         scenario, syscalls=guard, meminfo=meminfo, timeout=90)
+    assert run.crash is None, run.crash_text()
+    assert guard.signalled() == []
+    # at once, not after the back-off (up to scan_interval, 60 s, thousands of looks)
+    assert counted["looks_to_say_again"] < 50, counted
