@@ -248,6 +248,10 @@ def _memlock_limit() -> str:
 # --- the candidate list, kept fresh in the background ------------------------------------
 
 
+class _ScanStopped(Exception):
+    """The daemon stops: the background scan ends where it stands."""
+
+
 class CandidateCache:
     """Scans /proc and ranks in a background thread, so a ranked list is ready the
     moment a level is crossed: event-to-SIGKILL time does not grow with the number of
@@ -277,6 +281,7 @@ class CandidateCache:
     def stop(self) -> None:
         self._stop = True
         self._wake.set()
+        self._clear.set()  # a scan parked for a dying victim must not hold the stop (5 s)
         self._thread.join(timeout=5)
 
     def set_urgent(self, urgent: bool) -> None:
@@ -316,6 +321,8 @@ class CandidateCache:
 
     def _wait_clear(self) -> None:
         self._clear.wait()
+        if self._stop:
+            raise _ScanStopped
 
     def refresh(self, between: Callable[[], None] | None = None) -> None:
         """Scan and rank now.  The loop and the scan thread may both ask: the scan
@@ -372,6 +379,8 @@ class CandidateCache:
             started = time.thread_time()  # CPU time: a scan parked for a kill costs none
             try:
                 self.refresh(between=self._wait_clear)
+            except _ScanStopped:
+                break
             except Exception:  # the scan must never kill the daemon
                 log.exception("background scan failed")
             took = time.thread_time() - started

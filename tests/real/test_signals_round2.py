@@ -261,16 +261,21 @@ def test_sigterm_to_the_daemon_during_a_grace_sigkills_reaps_and_reports_the_vic
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
         s.stopped.wait(40)
 
+    before = set(threading.enumerate())
     try:
         run = run_daemon(grace_config(base, term_timeout=30.0), scenario, syscalls=guard,
                          meminfo=own_pressure([cg], base), timeout=90)
         took = time.monotonic() - stopped_at[0]
+        # Nothing of the daemon's left behind: its background scan, parked while the
+        # victim died, used to stay parked and hold the stop for its 5 s join.
+        left = sorted(t.name for t in set(threading.enumerate()) - before if t.is_alive())
         rc = victim.proc.wait(timeout=10)
     finally:
         victim.kill()
     assert run.crash is None, run.crash_text()
     assert guard.violations == []
     text = "\n".join(run.log)
+    assert left == [], left
     assert took < 10, f"the daemon took {took:.1f} s to stop during a 30 s grace:\n{text}"
     assert rc == -signal.SIGKILL, text
     assert sigs_to(guard, victim.pid) == ["SIGTERM", "SIGKILL"], text
