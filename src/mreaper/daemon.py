@@ -854,8 +854,8 @@ class Daemon:
             if not scope.warned_no_victim:  # once, not on every search
                 why = ", ".join(f"{n} {what}" for what, n in self._passed_over.most_common(6))
                 log.error("%s%s, but no process may be killed: %s; searching again with a "
-                          "back-off of up to %g s, at once when a new process starts or the "
-                          "level changes", _prefix(scope), verdict.reason,
+                          "back-off of up to %g s, or as soon as a process that may die "
+                          "starts or the level changes", _prefix(scope), verdict.reason,
                           why or "no process at all", self.cfg.scan_interval)
                 scope.warned_no_victim = True
             return
