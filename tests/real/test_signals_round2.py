@@ -162,13 +162,13 @@ def test_victim_protected_during_its_sigterm_grace_is_not_sigkilled(
         s.wait(lambda: "SIGTERM" in sigs_to(guard, victim.pid), 20, "the SIGTERM")
         assert victim.line(10) == "term"
         with minus_1000(victim.pid, tmp_path) if mode == "adj" else contextlib.nullcontext():
-            # the grace (2 s) ends, the daemon looks again: spared, and it chooses again
+            # the grace (4 s) ends, the daemon looks again: spared, and it chooses again
             s.wait(lambda: any("spared" in line for line in run_log), 15, "the victim spared")
 
     run_log: list[str] = []
     try:
         with _log_into(run_log):
-            run = run_daemon(grace_config(base, term_timeout=2.0), scenario, syscalls=guard,
+            run = run_daemon(grace_config(base, term_timeout=4.0), scenario, syscalls=guard,
                              meminfo=own_pressure([cg], base), timeout=60)
         alive = victim.proc.poll() is None
     finally:
