@@ -268,7 +268,8 @@ def test_sigterm_to_the_daemon_during_a_grace_sigkills_reaps_and_reports_the_vic
         took = time.monotonic() - stopped_at[0]
         # Nothing of the daemon's left behind: its background scan, parked while the
         # victim died, used to stay parked and hold the stop for its 5 s join.
-        left = sorted(t.name for t in set(threading.enumerate()) - before if t.is_alive())
+        left = sorted(t.name for t in set(threading.enumerate()) - before
+                      if t.is_alive() and t.name.startswith("mreaper"))
         rc = victim.proc.wait(timeout=10)
     finally:
         victim.kill()
