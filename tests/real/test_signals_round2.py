@@ -363,6 +363,7 @@ def test_nothing_to_kill_backs_off_the_search_and_still_finds_a_new_process(
         counted["listings"] = len(listings) - start_listings
         # Before: one listing (or more) per look.  Backed off: a handful.
         assert counted["listings"] * 5 < counted["looks"], counted
+        counted["said"] = sum("no process may be killed" in line for line in run_log)
         newcomer.append(subprocess.Popen([str(sleep), "1000"]))
         spawned = len(looks)
         s.wait(lambda: newcomer[0].poll() is not None, 20, "the new process to be killed")
@@ -385,8 +386,10 @@ def test_nothing_to_kill_backs_off_the_search_and_still_finds_a_new_process(
     text = "\n".join(run.log[:20])
     assert counted["looks"] >= 300 and counted["listings"] < 40, (counted, text)
     assert counted["looks_to_kill"] < 150, (counted, text)
+    # said once over those 300 looks (and again only after the kill, when the search
+    # that follows it finds nothing once more)
+    assert counted["said"] == 1, counted
     said = [line for line in run.log if "no process may be killed" in line]
-    assert len(said) == 1, said
     assert said[0].startswith("ERROR") and "protected by rule" in said[0], said
     assert sigs_to(guard, guarded.pid) == []
     assert [k.pid for k in run.daemon.kills] == [newcomer[0].pid]
