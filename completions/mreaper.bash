@@ -8,7 +8,7 @@
 _shtab_mreaper_subparsers=(kill run config explain history status top install-files demo)
 
 _shtab_mreaper_kill_option_strings=(-h --help --term-timeout --json --no-mrelease)
-_shtab_mreaper_run_option_strings=(-h --help --config --dry-run --reapers --term-timeout --memory-warn --memory-term --memory-kill --swap-warn --swap-term --swap-kill --psi-warn --psi-term --psi-kill --when --sort-by --min-rss --prefer --avoid --protect -v --verbose)
+_shtab_mreaper_run_option_strings=(-h --help --config --dry-run --reapers --term-timeout --memory-warn --memory-term --memory-kill --swap-warn --swap-term --swap-kill --psi-warn --psi-term --psi-kill --when --sort-by --min-rss --prefer --avoid --protect -v --verbose --lock-file --allow-second-instance)
 _shtab_mreaper_config_option_strings=(-h --help --config --dry-run --reapers --term-timeout --memory-warn --memory-term --memory-kill --swap-warn --swap-term --swap-kill --psi-warn --psi-term --psi-kill --when --sort-by --min-rss --prefer --avoid --protect)
 _shtab_mreaper_explain_option_strings=(-h --help --config --dry-run --reapers --term-timeout --memory-warn --memory-term --memory-kill --swap-warn --swap-term --swap-kill --psi-warn --psi-term --psi-kill --when --sort-by --min-rss --prefer --avoid --protect --all --scope)
 _shtab_mreaper_history_option_strings=(-h --help --events --config --last --since --json)
@@ -31,6 +31,7 @@ _shtab_mreaper_run___help_nargs=0
 _shtab_mreaper_run___dry_run_nargs=0
 _shtab_mreaper_run__v_nargs=0
 _shtab_mreaper_run___verbose_nargs=0
+_shtab_mreaper_run___allow_second_instance_nargs=0
 _shtab_mreaper_config__h_nargs=0
 _shtab_mreaper_config___help_nargs=0
 _shtab_mreaper_config___dry_run_nargs=0

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from mreaper import __version__, cli, config  # noqa: E402
+from mreaper import __version__, cli, config, instance  # noqa: E402
 from mreaper.cli import build_parser  # noqa: E402
 from mreaper.config_schema import SECTIONS, VALUE_TYPES, Key, keys_of  # noqa: E402
 
@@ -136,13 +136,18 @@ def man_mreaper() -> str:
     out += [".SH EXIT STATUS",
             ".TP", "0", "Success.",
             ".TP", str(cli.EXIT_FORBIDDEN),
-            roff("Permission denied or an input/output error (nothing was signalled)."),
+            roff("Permission denied or an input/output error (nothing was signalled); run: "
+                 "another mreaper holds the single-instance lock (its PID is named), or the "
+                 "lock file cannot be trusted."),
             ".TP", str(cli.EXIT_USAGE),
             roff("A bad argument or configuration value, with the file, key, value and what "
                  "is allowed; or a target mreaper refuses to kill (nothing was signalled)."),
             ".TP", str(cli.EXIT_ZOMBIE),
             roff("kill: the process had already exited, a zombie waiting for its parent "
                  "(nothing was signalled)."),
+            ".TP", str(cli.EXIT_INTERRUPTED),
+            roff("kill: interrupted (Ctrl-C, SIGTERM) during the SIGTERM grace: the victim was "
+                 "SIGKILLed and reaped at once, and the output says so."),
             ".TP", str(cli.EXIT_PIPE),
             roff("The reader of the output went away (as a shell reports a command killed "
                  "by SIGPIPE)."),
@@ -151,10 +156,15 @@ def man_mreaper() -> str:
             ".BR mreaper.toml (5).",
             ".TP", roff(config.Config().status_socket),
             roff("The status socket the daemon serves and the status and top commands read."),
+            ".TP", roff(instance.DEFAULT),
+            roff("The single-instance lock: an flock held by the running daemon, holding its "
+                 "PID ($MREAPER_LOCK_FILE or --lock-file elsewhere)."),
             ".SH SIGNALS",
             ".TP", "SIGHUP", roff("The daemon re-reads its configuration; a bad one is logged "
                                   "and the running configuration kept."),
-            ".TP", "SIGTERM, SIGINT", roff("The daemon reports the kills under way and exits."),
+            ".TP", "SIGTERM, SIGINT", roff("The daemon reports the kills under way and exits; "
+                                           "a victim in its SIGTERM grace is SIGKILLed and "
+                                           "reaped first, not left SIGTERMed."),
             ".SH SEE ALSO",
             ".BR mreaper.toml (5),",
             ".BR process_mrelease (2),",
