@@ -189,6 +189,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     lock = None
     try:
         lock = instance.acquire(path)
+        for note in lock.notes:
+            log.warning("single-instance lock: %s", note)
     except instance.AlreadyRunning as e:
         if not args.allow_second_instance:
             log.error("%s: refusing to start a second killer (two act twice on one "

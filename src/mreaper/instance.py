@@ -16,6 +16,8 @@ import fcntl
 import os
 import stat
 
+from mreaper.linux import trust
+
 DEFAULT = "/run/mreaper/mreaper.lock"  # next to the status socket; systemd's RuntimeDirectory
 ENV = "MREAPER_LOCK_FILE"              # overrides the default (tests, a second test machine)
 
@@ -53,8 +55,9 @@ def default_path() -> str:
 class InstanceLock:
     """The held lock; keep it for the life of the daemon (close() releases it)."""
 
-    def __init__(self, path: str, fd: int) -> None:
+    def __init__(self, path: str, fd: int, notes: list[str]) -> None:
         self.path, self._fd = path, fd
+        self.notes = notes  # what was done to take it (a directory tightened), to be said
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -62,7 +65,20 @@ class InstanceLock:
             self._fd = -1
 
 
-def _check_dir(directory: str) -> None:
+def _check_dir(directory: str) -> list[str]:
+    """Refuse a lock directory another user could change; returns what was done to it.
+    Its ancestors are walked as every trusted path is (trust.resolve); the directory
+    itself must be root's or ours and not writable by others, or sticky.  Our default
+    directory found writable by others (a Kubernetes emptyDir is made 0777) is made
+    0700 through an fd, and said: it is ours, and loose it would let anyone in it
+    replace the lock (or the status socket)."""
+    notes: list[str] = []
+    try:
+        trust.resolve(os.path.dirname(directory), final_sticky_ok=True)
+    except trust.Untrusted as e:
+        raise InstanceError(f"lock directory {directory}: {e.reason()}") from None
+    except OSError as e:
+        raise InstanceError(f"lock directory {directory}: {e.strerror or e}") from None
     try:
         st = os.lstat(directory)
     except FileNotFoundError:
@@ -77,9 +93,18 @@ def _check_dir(directory: str) -> None:
         raise InstanceError(f"lock directory {directory} is owned by uid {st.st_uid}, "
                             f"neither root nor us (uid {os.geteuid()}): refused")
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise InstanceError(f"lock directory {directory} is writable by others (mode "
-                            f"{stat.S_IMODE(st.st_mode):04o}) without the sticky bit: "
-                            "another user could replace the lock file; refused")
+        if directory != os.path.dirname(DEFAULT):
+            raise InstanceError(f"lock directory {directory} is writable by others (mode "
+                                f"{stat.S_IMODE(st.st_mode):04o}) without the sticky bit: "
+                                "another user could replace the lock file; refused")
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+        notes.append(f"{directory} was writable by others (mode "
+                     f"{stat.S_IMODE(st.st_mode):04o}): made 0700")
+    return notes
 
 
 def acquire(path: str) -> InstanceLock:
@@ -87,7 +112,7 @@ def acquire(path: str) -> InstanceLock:
     InstanceError (naming the path and what is wrong with it)."""
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
-    _check_dir(directory)
+    notes = _check_dir(directory)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
@@ -113,7 +138,7 @@ def acquire(path: str) -> InstanceLock:
     except BaseException:
         os.close(fd)
         raise
-    return InstanceLock(path, fd)
+    return InstanceLock(path, fd, notes)
 
 
 def _holder(fd: int) -> int | None:

@@ -20,6 +20,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ from test_invariants import (
 
 from daemon_harness import DaemonProcess
 from helpers import is_alive_unsignalled
+from mreaper import instance
 from mreaper.hogs import Hog, MemoryCgroup, MiB
 from mreaper.linux import cgroup, procfs
 from mreaper.reap import KillOptions, Victim, kill_group, pin_cgroup
@@ -594,3 +596,21 @@ def test_nothing_to_kill_is_said_again_when_the_kill_level_returns() -> None:
     assert guard.signalled() == []
     # at once, not after the back-off (up to scan_interval, 60 s, thousands of looks)
     assert counted["looks_to_say_again"] < 50, counted
+
+
+def test_the_default_lock_directory_found_loose_is_made_0700(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Kubernetes emptyDir at /run/mreaper is 0777: the daemon's own default directory
+    is tightened to 0700 (and said), not refused (the daemon would not start in its pod)
+    nor left loose.  Another directory given by path is refused instead (above)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o777)
+    monkeypatch.setattr(instance, "DEFAULT", str(run / "mreaper.lock"))
+    lock = instance.acquire(str(run / "mreaper.lock"))
+    try:
+        assert stat.S_IMODE(run.stat().st_mode) == 0o700
+        assert lock.notes == [f"{run} was writable by others (mode 0777): made 0700"]
+        assert (run / "mreaper.lock").read_text() == f"{os.getpid()}\n"
+    finally:
+        lock.close()
