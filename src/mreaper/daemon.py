@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mreaper import config as config_mod
-from mreaper import policy, sdnotify
+from mreaper import pacing, policy, sdnotify
 from mreaper import status as status_mod
 from mreaper.config import Config
 from mreaper.detect import PSI_RECHECK, Severity, Verdict
@@ -37,6 +37,7 @@ from mreaper.reap import (
     GroupKillReport,
     KillOptions,
     KillReport,
+    Mrelease,
     ReaperPool,
     Victim,
     VictimError,
@@ -64,8 +65,6 @@ log = logging.getLogger("mreaper")
 EPISODE_CALM = 2.0  # seconds without any level held before an episode is over
 KEEP_KILLS = 20     # kill reports kept for status
 SAMPLE_EVERY = 1.0  # seconds between samples handed to the sinks (gauges)
-SETTLE_REAPED = 0.3  # seconds to let MemAvailable show memory we reaped ourselves
-SETTLE_EXITED = 1.0  # ... and memory the victim's own exit freed
 OWN_HIGH_MARGIN = 16 << 20  # lift our own cgroup's memory.high when this close to it
 MIN_GRACE = 1.0      # a SIGTERM grace shorter than this helps no victim: SIGKILL instead
 PARK_FOR = 2.0       # seconds at most the background scan parks for a dying victim
@@ -329,7 +328,9 @@ class CandidateCache:
         itself runs unlocked (the loop must never wait behind a parked scan), only the
         swap of the result is locked."""
         pids = set(procfs.list_pids(self.proc))
-        candidates, warnings = policy.scan(self.proc, between=between)
+        # Private memory (what a kill frees) only under pressure: smaps_rollup walks
+        # page tables, ~6 ms per GiB resident.
+        candidates, warnings = policy.scan(self.proc, between=between, private=self._urgent)
         for w in warnings:
             if w not in self._warned:
                 self._warned.add(w)
@@ -630,7 +631,7 @@ class Daemon:
             # and, if still nothing may be killed, said again.
             del self._idle[scope.name]
             scope.warned_no_victim = False
-        if (verdict.severity >= Severity.TERM and self._ready(scope, look.available)
+        if (verdict.severity >= Severity.TERM and self._ready(scope, verdict, now, look.available)
                 and self._worth_a_search(scope, verdict.severity, now)):
             with cache.hold():
                 self._act(scope, verdict, now, pool, cache)
@@ -701,7 +702,7 @@ class Daemon:
         timeout = scope.interval()
         if scope.episode_since is not None:
             timeout = min(timeout, EPISODE_CALM)
-        if scope.inflight or scope.settle:
+        if scope.inflight or scope.settle or scope.releases:
             timeout = min(timeout, 0.05)
         if scope.psi.pending:  # a trigger event waits to be judged by the next totals
             timeout = min(timeout, PSI_RECHECK)
@@ -749,44 +750,26 @@ class Daemon:
             reason=verdict.reason, wall_time=time.time(), duration_s=now - scope.episode_since,
             mem_available=available))
 
-    def _ready(self, scope: Scope, available: int | None) -> bool:
-        """Every kill of this scope has given its memory back (it need not have exited:
-        a victim stuck in D state is reaped long before), and the last one's recovery
-        has shown in the figures (or a short deadline passed)."""
-        if time.monotonic() < scope.quiet_until:
+    def _ready(self, scope: Scope, verdict: Verdict, looked_at: float,
+               available: int | None) -> bool:
+        """May this scope kill again at this look?  Paced by what is known of its
+        victims' releases (pacing.pace), not by a clock: a victim whose memory is known
+        back no longer holds the next kill back, and one still dying holds it back only
+        if its release covers the shortfall."""
+        now = time.monotonic()
+        if now < scope.quiet_until:
             return False
-        for inflight in scope.inflight:
-            if not inflight.released.is_set() and not inflight.future.done():
-                return False
-            if not inflight.settled:
-                self._settle(scope, inflight, inflight.expected,
-                             reaped=inflight.released.is_set())
         if scope.settle is not None:
-            deadline, target = scope.settle
-            # Without a figure to watch (a PSI-only scope), wait out the deadline.
-            recovered = target is not None and available is not None and available >= target
-            if not recovered and time.monotonic() < deadline:
+            if now < scope.settle:
                 return False
             scope.settle = None
-        return True
-
-    def _settle(self, scope: Scope, inflight: InFlight, freed: int | None, *,
-                reaped: bool) -> None:
-        """After a kill, MemAvailable lags what came back: pages a dying process frees
-        itself sit on its CPU's per-CPU free lists for a while (up to ~1 s and beyond,
-        research/mrelease-facts.md), while pages we freed with process_mrelease show
-        within ~0.25 s.  Wait until the figure shows most of what the kill freed, or
-        that bound (from the release), before judging whether to act again.  And PSI
-        events from before the kill say nothing about after it: pressure must fire
-        again."""
-        inflight.settled = True
-        target = None
-        if inflight.available_at_kill is not None:
-            target = inflight.available_at_kill + int(max(freed or 0, 0) * 0.75)
-        start = inflight.released_at[0] if inflight.released_at else time.monotonic()
-        bound = SETTLE_REAPED if reaped else SETTLE_EXITED
-        scope.settle = (start + min(bound, self.cfg.recovery_timeout), target)
-        scope.psi.fired.clear()
+        scope.releases = [r for r in scope.releases if pacing.lingering(r, now)]
+        releases = scope.releases + [i.release() for i in scope.inflight]  # kill order
+        p = pacing.pace(scope.shortfall(verdict.severity), releases, now=now,
+                        looked_at=looked_at, available=available)
+        if not p.act:
+            log.debug("%snot yet: %s", _prefix(scope), p.why)
+        return p.act
 
     def _collect(self, scope: Scope) -> None:
         for inflight in [i for i in scope.inflight if i.future.done()]:
@@ -801,14 +784,12 @@ class Daemon:
         except Exception:
             log.exception("[%s] kill failed", scope.name)
             # Not at once again: whatever failed (EPERM...) would fail the same way.
-            scope.settle = (time.monotonic() + min(1.0, self.cfg.recovery_timeout), None)
-            inflight.settled = True
+            scope.settle = time.monotonic() + min(1.0, self.cfg.recovery_timeout)
             return
         if result.spared:
             # Not a kill: no sink hears of it (no metric, no post-kill hook).  The loop
             # chooses again at its next look, with no settle time to wait out.
             log.warning("%s%s; choosing again", _prefix(scope), result.human())
-            inflight.settled = True
             if isinstance(result, KillReport):
                 self._killed.discard((result.pid, result.starttime))
             else:
@@ -828,8 +809,9 @@ class Daemon:
             if report.exited:
                 self._killed.discard((report.pid, report.starttime))
         del self.kills[:-KEEP_KILLS]
-        if not inflight.settled:
-            self._settle(scope, inflight, freed, reaped=inflight.released.is_set())
+        release = _release_of(result, inflight, freed)
+        if pacing.lingering(release, time.monotonic()):
+            scope.releases.append(release)
 
     def _act(self, scope: Scope, verdict: Verdict, detected_at: float, pool: ReaperPool,
              cache: CandidateCache) -> None:
@@ -908,9 +890,10 @@ class Daemon:
                               exit_timeout=self.cfg.recovery_timeout,
                               mrelease=self.cfg.mrelease, demote=self.cfg.demote)
         escalation = Escalation()
-        log.info("%skilling %d %r (rss %s) [%s]; decided in %.1f ms from a %.0f ms old "
-                 "ranking (%s)", _prefix(scope), victim.pid, victim.name,
-                 fmt_bytes(victim.holdings.vm_rss), why, decided_ms, age * 1000, phases)
+        log.info("%skilling %d %r (rss %s, frees %s) [%s]; decided in %.1f ms from a %.0f ms "
+                 "old ranking (%s)", _prefix(scope), victim.pid, victim.name,
+                 fmt_bytes(victim.holdings.vm_rss), fmt_bytes(victim.holdings.expected), why,
+                 decided_ms, age * 1000, phases)
         released = threading.Event()
         released_at: list[float] = []
 
@@ -930,7 +913,10 @@ class Daemon:
         key = (victim.pid, victim.starttime)
         self._killed.add(key)
         scope.inflight.append(InFlight(future, escalation, detected_at, again.available,
-                                       victim.holdings.rss_anon, (key,), released, released_at))
+                                       victim.holdings.expected, (key,), released, released_at))
+        # PSI events from before the kill say nothing about after it: pressure must
+        # fire again for a PSI-held level to act again.
+        scope.psi.fired.clear()
 
     def _pick_group(self, scope: CgroupScope, candidates: list[policy.Candidate],
                     ranked: list[policy.Ranked]) -> tuple[str, str] | None:
@@ -980,13 +966,14 @@ class Daemon:
                  "old ranking", _prefix(scope), path, len(victims), why, decided_ms, age * 1000)
         options = KillOptions(exit_timeout=self.cfg.recovery_timeout, mrelease=self.cfg.mrelease)
         keys = tuple((v.pid, v.starttime) for v in victims)
-        expected = sum(v.holdings.rss_anon for v in victims)
+        expected = sum(v.holdings.expected for v in victims)
         future = pool.submit_group(path, victims, options, reason=why, skipped=tuple(skipped),
                                    recheck=self._protected_by_rules(prefs))
         future.add_done_callback(lambda _f: self._poke())
         self._killed.update(keys)
         available = scope.last.available if scope.last else None
         scope.inflight.append(InFlight(future, None, detected_at, available, expected, keys))
+        scope.psi.fired.clear()
 
     def _pin_first(self, ranked: list[policy.Ranked], scope: Scope, prefs: dict[str, str]
                    ) -> tuple[Victim | None, policy.Ranked | None]:
@@ -1038,6 +1025,10 @@ class Daemon:
                          why)
                 victim.close()
                 continue
+            if c.private is not None:
+                # Ranked on private memory read seconds ago: what it grew since is its own.
+                grown = max(victim.holdings.vm_rss - c.rss, 0)
+                victim.holdings = dataclasses.replace(victim.holdings, private=c.private + grown)
             return victim, r
         return None, None
 
@@ -1138,6 +1129,26 @@ class Daemon:
         if isinstance(machine, MachineScope):
             machine.cfg = new
         log.info("configuration reloaded from %s: %s", new.origin, describe(new))
+
+
+def _release_of(result: KillReport | GroupKillReport, inflight: InFlight,
+                freed: int | None) -> pacing.Release:
+    """A finished kill as the pacing sees it: reaped by us, freed by its own exit (its
+    pages may lag on per-CPU free lists), or stuck (not seen back)."""
+    now = time.monotonic()
+    if isinstance(result, GroupKillReport):
+        back = result.kill_to_free_s is not None
+        reaped = back and all(m.mrelease is Mrelease.REAPED for m in result.members)
+        measured = result.freed_source.startswith("memcg")
+    else:
+        back = result.kill_to_free_s is not None
+        reaped = back and result.mrelease is Mrelease.REAPED and inflight.released.is_set()
+        measured = result.freed_source.startswith("memcg")
+    state = (pacing.State.REAPED if reaped else pacing.State.EXITED if back
+             else pacing.State.STUCK)
+    known_at = inflight.released_at[0] if reaped and inflight.released_at else now
+    return pacing.Release(state, inflight.expected, freed=freed if measured else None,
+                          known_at=known_at, available_at_kill=inflight.available_at_kill)
 
 
 def _prefix(scope: Scope) -> str:

@@ -57,6 +57,20 @@ class Candidate:
     swap: int                   # bytes (VmSwap)
     oom_score: int
     oom_score_adj: int
+    # The family a process belongs to (families.py): its parent, process group, session.
+    ppid: int = 0
+    pgrp: int = 0
+    session: int = 0
+    # Bytes a kill would free of its own (procfs.read_private: smaps_rollup Private_Dirty),
+    # read under pressure only; None when not read.  A forked child's RSS counts the pages
+    # it shares with its parent: killing it frees only these.
+    private: int | None = None
+
+    @property
+    def frees(self) -> int:
+        """What killing it alone is expected to free: its private memory when read,
+        else its RSS."""
+        return self.rss if self.private is None else self.private
 
 
 # --- bounded patterns ----------------------------------------------------------------------
@@ -421,6 +435,7 @@ class SortBy(enum.Enum):
 
     OOM_SCORE = "oom_score"  # the kernel's badness, oom_score_adj included (0..2000)
     RSS = "rss"              # resident memory in MiB, oom_score_adj ignored
+    PRIVATE = "private"      # what a kill frees: private memory in MiB (RSS until read)
 
 
 @dataclass(frozen=True)
@@ -483,7 +498,8 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
     matching = Matching()  # one budget per user for the whole ranking
     ranked = []
     for c in candidates:
-        score = c.oom_score if sort_by is SortBy.OOM_SCORE else c.rss // MiB
+        score = (c.oom_score if sort_by is SortBy.OOM_SCORE else c.rss // MiB
+                 if sort_by is SortBy.RSS else c.frees // MiB)
         touched: list[str] = []
         reasons: list[str] = []
         must_live = False
@@ -613,8 +629,8 @@ def explain_table(ranked: Sequence[Ranked], limit: int | None = 20) -> str:
 # --- the scan: the only I/O ----------------------------------------------------------------
 
 
-def scan(proc: str = procfs.PROC, *, between: Callable[[], None] | None = None
-         ) -> tuple[list[Candidate], list[str]]:
+def scan(proc: str = procfs.PROC, *, between: Callable[[], None] | None = None,
+         private: bool = False) -> tuple[list[Candidate], list[str]]:
     """Snapshot every process under `proc` that may ever be a victim.
 
     Skipped silently, as they are never candidates: what `reap.refusal` refuses (PID 1,
@@ -630,7 +646,9 @@ def scan(proc: str = procfs.PROC, *, between: Callable[[], None] | None = None
     mis-rank once, never get the wrong process killed.
 
     `between` is called before each process: the daemon's background scan parks there
-    while the loop decides on a kill (see daemon.CandidateCache.hold).
+    while the loop decides on a kill (see daemon.CandidateCache.hold).  `private`: also
+    read each one's private memory (smaps_rollup: costs ~6 ms per GiB resident, so the
+    daemon asks for it under pressure only).
     """
     candidates: list[Candidate] = []
     warnings: list[str] = []
@@ -638,7 +656,7 @@ def scan(proc: str = procfs.PROC, *, between: Callable[[], None] | None = None
         if between is not None:
             between()
         try:
-            candidate = snapshot(pid, proc)
+            candidate = snapshot(pid, proc, private=private)
         except procfs.ProcessGone:
             continue
         except procfs.ParseError as e:
@@ -652,7 +670,7 @@ def scan(proc: str = procfs.PROC, *, between: Callable[[], None] | None = None
     return candidates, warnings
 
 
-def snapshot(pid: int, proc: str = procfs.PROC) -> Candidate | None:
+def snapshot(pid: int, proc: str = procfs.PROC, *, private: bool = False) -> Candidate | None:
     """One process as a Candidate, or None if it can never be one (kernel thread,
     zombie, no mm, ...).  Raises ProcessGone/ParseError like the readers."""
     stat = procfs.read_stat(pid, proc)
@@ -666,7 +684,8 @@ def snapshot(pid: int, proc: str = procfs.PROC) -> Candidate | None:
     return _candidate(stat, status, cmdline=procfs.read_cmdline(pid, proc),
                       cgroup=procfs.read_cgroup(pid, proc).unified,
                       exe=_read_exe(pid, proc, status.mm_tid),
-                      oom=procfs.read_oom_score(pid, proc))
+                      oom=procfs.read_oom_score(pid, proc),
+                      private=procfs.read_private(pid, proc) if private else None)
 
 
 def candidate_of(victim: reap.Victim, proc: str = procfs.PROC) -> Candidate | None:
@@ -690,11 +709,14 @@ def _never(stat: procfs.Stat, status: procfs.Status) -> bool:
 
 
 def _candidate(stat: procfs.Stat, status: procfs.Status, *, cmdline: tuple[str, ...],
-               cgroup: str, exe: str, oom: tuple[int, int]) -> Candidate:
+               cgroup: str, exe: str, oom: tuple[int, int],
+               private: int | None = None) -> Candidate:
     return Candidate(pid=stat.pid, starttime=stat.starttime, name=status.name or stat.comm,
                      cmdline=cmdline, exe=exe, uid=status.uid, cgroup=cgroup,
                      rss=status.vm_rss, swap=status.vm_swap, oom_score=oom[0],
-                     oom_score_adj=oom[1])
+                     oom_score_adj=oom[1], ppid=stat.ppid, pgrp=stat.pgrp,
+                     session=stat.session,
+                     private=None if private is None else min(private, status.rss_anon))
 
 
 def _read_exe(pid: int, proc: str, mm_tid: int = 0) -> str:

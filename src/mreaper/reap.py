@@ -66,6 +66,15 @@ class Holdings:
     rss_file: int
     rss_shmem: int
     vm_swap: int
+    # What a kill frees of its own (policy.Candidate.private), when the ranking read it:
+    # a forked child's RssAnon also counts pages it shares with its parent.
+    private: int | None = None
+
+    @property
+    def expected(self) -> int:
+        """Bytes the kill should give back: the private memory when known, else the
+        anonymous RSS."""
+        return self.rss_anon if self.private is None else min(self.private, self.rss_anon)
 
 
 def refusal(stat: procfs.Stat, tgid: int | None = None) -> str | None:
@@ -335,9 +344,11 @@ class KillReport:
             return (f"spared {self.pid} {self.name!r} (uid {self.uid}; rss "
                     f"{fmt_bytes(h.vm_rss)}) after {sigs}: {self.spared}"
                     + (f" [{self.reason}]" if self.reason else ""))
-        line = (f"killed {self.pid} {self.name!r} (uid {self.uid}; rss {fmt_bytes(h.vm_rss)}: "
-                f"anon {fmt_bytes(h.rss_anon)}, file {fmt_bytes(h.rss_file)}, shmem "
-                f"{fmt_bytes(h.rss_shmem)}; swap {fmt_bytes(h.vm_swap)}) with {sigs}")
+        private = "" if h.private is None else f"private {fmt_bytes(h.private)}; "
+        line = (f"killed {self.pid} {self.name!r} (uid {self.uid}; {private}rss "
+                f"{fmt_bytes(h.vm_rss)}: anon {fmt_bytes(h.rss_anon)}, file "
+                f"{fmt_bytes(h.rss_file)}, shmem {fmt_bytes(h.rss_shmem)}; swap "
+                f"{fmt_bytes(h.vm_swap)}) with {sigs}")
         if self.reason:
             line += f" [{self.reason}]"
         if self.mrelease is not Mrelease.NOT_CALLED:
@@ -673,11 +684,12 @@ _CONFIRM_MIN = 4 << 20
 
 
 def _released(victim: Victim, charge_before: int | None) -> bool | None:
-    """Did the victim's memory cgroup charge fall by at least half of what it held in
-    anonymous memory?  None when that cannot be told (no memcg, or a small victim)."""
+    """Did the victim's memory cgroup charge fall by at least half of what its kill
+    should free (its private memory when known, else its anonymous RSS)?  None when
+    that cannot be told (no memcg, or a small victim)."""
     if not victim.charge_file or charge_before is None:
         return None
-    expected = victim.holdings.rss_anon
+    expected = victim.holdings.expected
     if expected < _CONFIRM_MIN:
         return None
     now = cgroup.read_charge(victim.charge_file)

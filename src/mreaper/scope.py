@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from mreaper import config as config_mod
-from mreaper import policy
+from mreaper import pacing, policy
 from mreaper.config import Config, ScopeConfig
 from mreaper.detect import (
     FallRate,
@@ -54,11 +54,19 @@ class InFlight:
     escalation: Escalation | None
     detected_at: float
     available_at_kill: int | None
-    expected: int                     # bytes the kill should give back (anon RSS)
+    expected: int                     # bytes the kill should give back (private memory)
     victims: tuple[tuple[int, int], ...]  # (pid, starttime) of each process killed
     released: threading.Event = field(default_factory=threading.Event)
     released_at: list[float] = field(default_factory=list)  # monotonic, set with `released`
-    settled: bool = False             # the daemon has started the settle wait for it
+
+    def release(self) -> pacing.Release:
+        """This kill as the pacing sees it while it is in flight."""
+        if self.released.is_set() and self.released_at:
+            return pacing.Release(pacing.State.REAPED, self.expected,
+                                  known_at=self.released_at[0],
+                                  available_at_kill=self.available_at_kill)
+        return pacing.Release(pacing.State.PENDING, self.expected,
+                              available_at_kill=self.available_at_kill)
 
 
 @dataclass
@@ -70,7 +78,8 @@ class Scope:
     cgroup_dir: str | None = None     # None: the machine
     cgroup_path: str | None = None    # as /proc/<pid>/cgroup shows it ("/a/b")
     inflight: list[InFlight] = field(default_factory=list)
-    settle: tuple[float, int | None] | None = None  # (deadline, available to reach)
+    settle: float | None = None       # a kill failed: no other before this (monotonic)
+    releases: list[pacing.Release] = field(default_factory=list)  # finished, still lagging
     quiet_until: float = 0.0          # dry run: no repeat before this
     warned_no_victim: bool = False
     episode_since: float | None = None
@@ -93,6 +102,11 @@ class Scope:
 
     def kill_room(self) -> int | None:
         """Bytes left above the kill level at the last look (None: no such figure)."""
+        raise NotImplementedError
+
+    def shortfall(self, severity: Severity) -> int | None:
+        """Bytes under the byte level of `severity` ("term", "kill") at the last look;
+        None when that figure does not hold it (a level held by PSI or swap alone)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -138,6 +152,14 @@ class MachineScope(Scope):
         mem = self._mem
         bound = self.cfg.memory["kill"].bytes_of(mem.mem_total) if mem else None
         return None if mem is None or bound is None else mem.mem_available - bound
+
+    def shortfall(self, severity: Severity) -> int | None:
+        mem = self._mem
+        level = (self.cfg.memory[severity.name.lower()].bytes_of(mem.mem_total)
+                 if mem is not None and severity.name.lower() in config_mod.LEVELS else None)
+        if mem is None or level is None or mem.mem_available > level:
+            return None
+        return level - mem.mem_available
 
     def sample(self) -> Sample:
         mem = self._mem
@@ -218,6 +240,16 @@ class CgroupScope(Scope):
             return None
         bound = self.sc.headroom["kill"].bytes_of(state.limit)
         return None if bound is None else state.headroom - bound
+
+    def shortfall(self, severity: Severity) -> int | None:
+        state = self._state
+        if (state is None or state.headroom is None or state.limit is None
+                or severity.name.lower() not in config_mod.LEVELS):
+            return None
+        level = self.sc.headroom[severity.name.lower()].bytes_of(state.limit)
+        if level is None or state.headroom > level:
+            return None
+        return level - state.headroom
 
     def sample(self) -> Sample:
         state = self._state

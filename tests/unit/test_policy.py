@@ -413,7 +413,7 @@ def test_scan_plain_process(tmp_path: Path) -> None:
     assert found == {BASE: Candidate(
         pid=BASE, starttime=98765, name="worker", cmdline=("/usr/bin/worker", "--jobs", "4"),
         exe="/usr/bin/worker", uid=1001, cgroup="/user.slice/app.scope", rss=4096 * 1024,
-        swap=512 * 1024, oom_score=701, oom_score_adj=200)}
+        swap=512 * 1024, oom_score=701, oom_score_adj=200, ppid=100)}
 
 
 def test_scan_hostile_names(tmp_path: Path) -> None:

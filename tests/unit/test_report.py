@@ -42,7 +42,7 @@ def test_to_json_round_trips(outcome: Mrelease) -> None:
     assert d["name"] == "ölfresser ) Z ("
     assert d["cmdline"] == ["python3", "-c", "x = 'ü'"]
     assert d["holdings"] == {"vm_rss": 300 * MiB, "rss_anon": 290 * MiB, "rss_file": 10 * MiB,
-                             "rss_shmem": 0, "vm_swap": 0}
+                             "rss_shmem": 0, "vm_swap": 0, "private": None}
     assert d["signals"] == [{"name": "SIGTERM", "at_s": 0.0}, {"name": "SIGKILL", "at_s": 0.5}]
     assert d["notes"] == ["ignored SIGTERM for 0.5 s"]
     # and back into an equal report
