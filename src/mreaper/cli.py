@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--all", action="store_true", help="list every process, not the top 20")
             c.add_argument("--scope", metavar="NAME",
                            help="rank within a configured [[scope]] (default: the machine)")
+            c.add_argument("--growth", type=seconds_between(0, 60), default=0.0, metavar="S",
+                           help="measure growth over S seconds (two looks) and show the "
+                                "families as the daemon would rank them (default: one look, "
+                                "no growth)")
         if name == "run":
             c.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
             c.add_argument("--lock-file", metavar="PATH",
@@ -218,6 +222,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_families(ranked: list[Any], growth: dict[tuple[int, int], int], weight: float,
+                      sampled: float, limit: int | None) -> None:
+    from mreaper import families
+
+    found = families.group(ranked, growth, weight=weight)
+    how = (f"growth over {sampled:g} s" if sampled else
+           "growth not measured: --growth S measures it over S seconds")
+    print(f"\nfamilies (process group, session, parent tree, cgroup; {how}; growth weight "
+          f"{weight:g}):")
+    print(families.explain_families(found, limit=None if limit is None else 10))
+    family, why = families.choose(found, ranked, growth, weight=weight)
+    print(f"-> {'kill whole: ' if family is not None else 'no family killed whole: '}{why}")
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from mreaper import policy, scope
     from mreaper.linux import cgroup
@@ -233,10 +251,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     prefs = scope.preferences(candidates, unified)
     limit = None if args.all else 20
     if not args.scope or args.scope == scope.MACHINE:
+        growth: dict[tuple[int, int], int] = {}
+        if args.growth > 0:
+            import time
+
+            before = {(c.pid, c.starttime): c.rss for c in candidates}
+            time.sleep(args.growth)
+            candidates, _ = policy.scan(private=True)
+            prefs = scope.preferences(candidates, unified)
+            growth = {(c.pid, c.starttime): c.rss - before.get((c.pid, c.starttime), 0)
+                      for c in candidates}
         ranked = policy.rank(candidates, cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss,
                              cgroup_preferences=prefs)
         print("scope machine: every process")
         print(policy.explain_table(ranked, limit=limit))
+        if cfg.families:
+            _explain_families(ranked, growth, cfg.growth_weight, args.growth, limit)
         return 0
     resolved = scope.resolve_scopes(cfg, unified) if unified else {}
     names = sorted(resolved)

@@ -447,6 +447,11 @@ class Config:
     min_rss: int = 0
     mrelease: bool = True
     demote: bool = False
+    # Families (families.py): kill a growing process group, session, parent tree or leaf
+    # cgroup whole when it outranks every single process; growth in the episode counts
+    # this many times what is held.
+    families: bool = True
+    growth_weight: float = 1.0
     # [[rule]]
     rules: tuple[Rule, ...] = field(default_factory=_default_rules)
     # [[scope]]
@@ -513,7 +518,8 @@ def _choice(origin: str, key: str, value: object, choices: tuple[str, ...]) -> s
 _DAEMON_KEYS = ("dry_run", "reapers", "mlockall", "oom_score_adj", "nice", "realtime", "log",
                 "recovery_timeout")
 _DETECT_KEYS = ("when", "poll_min", "poll_max", "scan_interval")
-_KILL_KEYS = ("term_timeout", "sort_by", "min_rss", "mrelease", "demote")
+_KILL_KEYS = ("term_timeout", "sort_by", "min_rss", "mrelease", "demote", "families",
+              "growth_weight")
 _RULE_KEYS = ("action", "name", "cmdline", "exe", "cgroup", "user", "adjust")
 _SECTIONS = ("daemon", "detect", "memory", "swap", "psi", "kill", "rule", "scope", "events",
              "metrics", "hooks", "status")
@@ -605,9 +611,12 @@ def apply(base: Config, data: Mapping[str, Any], origin: str, *, rule_start: int
                                             tuple(s.value for s in SortBy)))
     if "min_rss" in k:
         changes["min_rss"] = parse_size(k["min_rss"], origin, "kill.min_rss")
-    for key in ("mrelease", "demote"):
+    for key in ("mrelease", "demote", "families"):
         if key in k:
             changes[key] = _bool(origin, f"kill.{key}", k[key])
+    if "growth_weight" in k:
+        changes["growth_weight"] = _number(origin, "kill.growth_weight", k["growth_weight"],
+                                           0, 100, unit="times what is held (0: off)")
 
     _apply_ops(origin, data, changes)
     if "scope" in data:
@@ -994,6 +1003,8 @@ def to_toml(cfg: Config) -> str:
     line("min_rss", cfg.min_rss)
     line("mrelease", cfg.mrelease)
     line("demote", cfg.demote)
+    line("families", cfg.families)
+    line("growth_weight", cfg.growth_weight)
     for sc in cfg.scopes:
         out += ["", "[[scope]]"]
         line("name", sc.name)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mreaper import config as config_mod
-from mreaper import pacing, policy, sdnotify
+from mreaper import families, pacing, policy, sdnotify
 from mreaper import status as status_mod
 from mreaper.config import Config
 from mreaper.detect import PSI_RECHECK, Severity, Verdict
@@ -39,9 +39,11 @@ from mreaper.reap import (
     KillReport,
     Mrelease,
     ReaperPool,
+    Sent,
     Victim,
     VictimError,
     VictimForbidden,
+    VictimGone,
     fmt_bytes,
     pin_cgroup,
     send_sigkill,
@@ -69,6 +71,7 @@ OWN_HIGH_MARGIN = 16 << 20  # lift our own cgroup's memory.high when this close 
 MIN_GRACE = 1.0      # a SIGTERM grace shorter than this helps no victim: SIGKILL instead
 PARK_FOR = 2.0       # seconds at most the background scan parks for a dying victim
 SCAN_DUTY = 0.25     # at most this share of a CPU for the scan under pressure
+FRESH_MAX = 4096     # family members measured again on the kill path, at most
 IDLE_FIRST = 0.05    # first wait before looking again for a victim when none may die
 NEW_PIDS_MAX = 4096  # more new PIDs than this since the last look: just look again
 NEW_PID_SETTLE = 0.1  # a new process is judged this long after it appeared: a fork of a
@@ -267,6 +270,9 @@ class CandidateCache:
         self._stop = False
         self._lock = threading.Lock()
         self._pids: set[int] = set()  # every pid /proc listed at the last scan
+        # (pid, starttime) -> RSS at the last scan taken while calm: what growth in a
+        # pressure episode is measured from (families.py).
+        self.calm: dict[tuple[int, int], int] = {}
         self._thread = threading.Thread(target=self._loop, name="mreaper-scan", daemon=True)
         self._warned: set[str] = set()
         self._clear = threading.Event()  # set: the scan may run; cleared: it parks
@@ -341,6 +347,8 @@ class CandidateCache:
         with self._lock:
             self._snapshot = (time.monotonic(), candidates, prefs, ranked)
             self._pids = pids
+            if not self._urgent:
+                self.calm = {(c.pid, c.starttime): c.rss for c in candidates}
 
     def peek(self) -> list[policy.Ranked]:
         """The cached machine-wide ranking as it is (no scan)."""
@@ -732,6 +740,7 @@ class Daemon:
         if verdict.severity >= Severity.WARN:
             if scope.episode_since is None:
                 scope.episode_since, scope.episode_peak = now, verdict.severity
+
                 self._emit_episode(scope, "start", verdict, now, available)
             elif verdict.severity > scope.episode_peak:
                 scope.episode_peak = verdict.severity
@@ -830,6 +839,12 @@ class Daemon:
                 self._kill_group(scope, unit[0], unit[1], verdict, detected_at=detected_at,
                                  pool=pool, age=age, prefs=prefs)
                 return
+        if self.cfg.families:
+            family, fwhy = self._family(scope, ranked)
+            if family is not None and self._kill_family(scope, family, fwhy, verdict,
+                                                        detected_at=detected_at, pool=pool,
+                                                        age=age, prefs=prefs):
+                return
         victim, chosen = self._pin_first(ranked, scope, prefs)
         if victim is None or chosen is None:
             self._back_off(scope, verdict.severity)
@@ -917,6 +932,145 @@ class Daemon:
         # PSI events from before the kill say nothing about after it: pressure must
         # fire again for a PSI-held level to act again.
         scope.psi.fired.clear()
+
+    def _growth(self, ranked: list[policy.Ranked]) -> dict[tuple[int, int], int]:
+        """Bytes each process grew since the last scan taken while calm (the episode's
+        start, give or take a scan interval); a process new since grew by all it holds."""
+        calm = self._cache.calm if self._cache is not None else {}
+        out = {}
+        for r in ranked:
+            key = (r.candidate.pid, r.candidate.starttime)
+            out[key] = r.candidate.rss - calm.get(key, 0)
+        return out
+
+    def _own(self) -> families.Own:
+        """mreaper's own process group, session, cgroup and ancestors."""
+        ancestors, pid = set(), os.getpid()
+        while pid > 1 and pid not in ancestors:
+            ancestors.add(pid)
+            try:
+                pid = procfs.read_stat(pid).ppid
+            except (procfs.ProcessGone, procfs.ParseError, OSError):
+                break
+        try:
+            own_cgroup = procfs.read_cgroup(os.getpid()).unified
+        except (procfs.ProcessGone, OSError):
+            own_cgroup = ""
+        return families.Own(pgrp=os.getpgrp(), session=os.getsid(0), cgroup=own_cgroup,
+                            ancestors=frozenset(ancestors))
+
+    def _family(self, scope: Scope, ranked: list[policy.Ranked]
+                ) -> tuple[families.Family | None, str]:
+        """The family to kill whole, if one outranks every single process (families.py).
+
+        The ranking may be a scan old (over a second at 10,000 processes), older than the
+        growth that matters: the members of the families that may die are measured
+        again now (statm, one small read each, at most FRESH_MAX of them)."""
+        alive = [r for r in ranked if (r.candidate.pid, r.candidate.starttime) not in self._killed]
+        own = self._own()
+        weight = self.cfg.growth_weight
+        first = families.group(alive, self._growth(alive), weight=weight, own=own)
+        wanted = {(r.candidate.pid, r.candidate.starttime) for f in first if f.eligible
+                  for r in f.members}
+        if len(wanted) <= FRESH_MAX:
+            alive = [_refreshed(r) if (r.candidate.pid, r.candidate.starttime) in wanted else r
+                     for r in alive]
+        growth = self._growth(alive)
+        found = families.group(alive, growth, weight=weight, own=own)
+        family, why = families.choose(found, alive, growth, weight=weight)
+        if family is None:
+            log.debug("%sno family: %s", _prefix(scope), why)
+        return family, why
+
+    def _kill_family(self, scope: Scope, family: families.Family, why: str, verdict: Verdict,
+                     *, detected_at: float, pool: ReaperPool, age: float,
+                     prefs: dict[str, str]) -> bool:
+        """Pin every member, judge each again alone, then SIGKILL them all through their
+        pidfds (parents first: a pool cannot respawn what it lost) and hand them to the
+        pool to reap, one report for all.  False: not killed whole (a member changed or
+        cannot be pinned): the caller kills a single process instead."""
+        self._forget_gone()
+        victims: list[Victim] = []
+        skipped: list[str] = []
+
+        def give_up(reason: str) -> bool:
+            log.info("%snot killing %s whole: %s", _prefix(scope), family.label, reason)
+            for v in victims:
+                v.close()
+            return False
+
+        for r in family.members:
+            c = r.candidate
+            try:
+                v = Victim.open(c.pid, starttime=c.starttime, syscalls=self.syscalls,
+                                mounts=self._mounts)
+            except VictimGone as e:
+                skipped.append(str(e))
+                continue
+            except (VictimError, OSError) as e:
+                return give_up(f"{c.pid} {c.name!r}: {e}")
+            victims.append(v)
+            now = policy.candidate_of(v)
+            again = policy.rank([now], self.cfg.rules, sort_by=self.cfg.sort_by,
+                                scope_cgroup=scope.cgroup_path,
+                                cgroup_preferences=prefs) if now is not None else []
+            if not again or again[0].must_live or (
+                    again[0].excluded is not None and "outside scope" in again[0].excluded):
+                return give_up(f"{c.pid} {c.name!r} changed since it was ranked "
+                               f"({again[0].excluded if again else 'no longer a candidate'})")
+            if c.private is not None:
+                grown = max(v.holdings.vm_rss - c.rss, 0)
+                v.holdings = dataclasses.replace(v.holdings, private=c.private + grown)
+        if len(victims) < families.MIN_MEMBERS:
+            return give_up(f"{len(victims)} members left")
+        look = scope.look(time.monotonic())
+        if look.verdict.severity < Severity.TERM:
+            log.info("%spressure cleared before the kill (%s); %s spared", _prefix(scope),
+                     verdict.reason, family.label)
+            for v in victims:
+                v.close()
+            return True
+        reason = f"{_prefix(scope)}{look.verdict.reason}; {why}"
+        decided_ms = (time.monotonic() - detected_at) * 1000
+        if self.cfg.dry_run:
+            log.warning("%sdry run: would kill %s (%d processes) [%s]; decided in %.1f ms",
+                        _prefix(scope), family.label, len(victims), reason, decided_ms)
+            for v in victims:
+                v.close()
+            scope.quiet_until = time.monotonic() + self.cfg.recovery_timeout
+            return True
+        observe_decision(self.sink, decided_ms / 1000, scope.name)
+        options = KillOptions(exit_timeout=self.cfg.recovery_timeout, mrelease=self.cfg.mrelease,
+                              demote=self.cfg.demote)
+        log.info("%skilling %s (%d processes) [%s]; decided in %.1f ms from a %.0f ms old "
+                 "ranking", _prefix(scope), family.label, len(victims), reason, decided_ms,
+                 age * 1000)
+        sents: list[Sent] = []
+        signalled: list[Victim] = []
+        for v in victims:
+            try:
+                sents.append(send_sigkill(v, options, syscalls=self.syscalls))
+            except OSError as e:  # EPERM...: this member lives; the others still die
+                log.error("%scannot SIGKILL %d %r of %s: %s", _prefix(scope), v.pid, v.name,
+                          family.label, e)
+                skipped.append(f"{v.pid} {v.name!r}: SIGKILL failed: {e}")
+                v.close()
+                continue
+            signalled.append(v)
+        victims = signalled
+        if not victims:
+            scope.settle = time.monotonic() + min(1.0, self.cfg.recovery_timeout)
+            return True
+        keys = tuple((v.pid, v.starttime) for v in victims)
+        expected = sum(v.holdings.expected for v in victims)
+        future = pool.submit_family(family.label, victims, sents, options, reason=reason,
+                                    skipped=tuple(skipped))
+        future.add_done_callback(lambda _f: self._poke())
+        self._killed.update(keys)
+        scope.inflight.append(InFlight(future, None, detected_at, look.available, expected,
+                                       keys))
+        scope.psi.fired.clear()
+        return True
 
     def _pick_group(self, scope: CgroupScope, candidates: list[policy.Candidate],
                     ranked: list[policy.Ranked]) -> tuple[str, str] | None:
@@ -1149,6 +1303,17 @@ def _release_of(result: KillReport | GroupKillReport, inflight: InFlight,
     known_at = inflight.released_at[0] if reaped and inflight.released_at else now
     return pacing.Release(state, inflight.expected, freed=freed if measured else None,
                           known_at=known_at, available_at_kill=inflight.available_at_kill)
+
+
+def _refreshed(r: policy.Ranked) -> policy.Ranked:
+    """`r` with its size read again now; what it grew since is its own (anonymous)."""
+    c = r.candidate
+    try:
+        rss = procfs.read_resident(c.pid)
+    except (procfs.ProcessGone, procfs.ParseError, OSError):
+        return r
+    private = None if c.private is None else c.private + max(rss - c.rss, 0)
+    return dataclasses.replace(r, candidate=dataclasses.replace(c, rss=rss, private=private))
 
 
 def _prefix(scope: Scope) -> str:

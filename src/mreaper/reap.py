@@ -741,9 +741,11 @@ class GroupKillReport:
     kill_to_free_s: float | None      # until the last member's memory was back
     notes: tuple[str, ...] = ()
     spared: str = ""                  # not killed: a member became protected (why)
+    family: str = ""                  # a family killed through pidfds (cgroup is "")
 
     def to_dict(self) -> dict[str, object]:
-        return {"cgroup": self.cgroup, "reason": self.reason, "wall_time": self.wall_time,
+        return {"cgroup": self.cgroup, "family": self.family, "reason": self.reason,
+                "wall_time": self.wall_time,
                 "members": [m.to_dict() for m in self.members], "skipped": list(self.skipped),
                 "freed_bytes": self.freed_bytes, "freed_source": self.freed_source,
                 "kill_to_free_s": self.kill_to_free_s, "notes": list(self.notes),
@@ -753,8 +755,10 @@ class GroupKillReport:
         if self.spared:
             return f"spared cgroup {self.cgroup}: {self.spared} [{self.reason}]"
         outcomes = ", ".join(f"{m.pid} {m.name!r} {m.mrelease.value}" for m in self.members)
-        line = (f"killed cgroup {self.cgroup} ({len(self.members)} processes: {outcomes}) with "
-                f"cgroup.kill [{self.reason}]; memory back {fmt_ms(self.kill_to_free_s)} "
+        unit, via = ((f"family {self.family}", "SIGKILL through pidfds") if self.family
+                     else (f"cgroup {self.cgroup}", "cgroup.kill"))
+        line = (f"killed {unit} ({len(self.members)} processes: {outcomes}) with "
+                f"{via} [{self.reason}]; memory back {fmt_ms(self.kill_to_free_s)} "
                 f"after the kill")
         if self.freed_bytes is not None:
             line += f"; freed {fmt_bytes(self.freed_bytes)} ({self.freed_source})"
@@ -843,6 +847,37 @@ def kill_group(cgroup_dir: str, victims: list[Victim], options: KillOptions = Ki
                            kill_to_free_s=last, notes=tuple(notes))
 
 
+def kill_family(label: str, victims: list[Victim], sents: list[Sent],
+                options: KillOptions = KillOptions(), *, reason: str = "",
+                syscalls: Syscalls | None = None,
+                skipped: tuple[str, ...] = ()) -> GroupKillReport:
+    """Reap a family the caller already SIGKILLed member by member through their pidfds
+    (send_sigkill, parents first), each member in its own thread, and report them as one.
+    What came back is the sum of the members' own charge drops, each measured against
+    its memory cgroup (members of one memcg share a charge file: measured once)."""
+    wall = time.time() - (time.monotonic() - min((s.at for s in sents), default=time.monotonic()))
+    opts = dataclasses.replace(options, term_timeout=0.0, killed_by="")
+    files = sorted({v.charge_file for v in victims if v.charge_file})
+    before = {f: next((s.charge_before for v, s in zip(victims, sents, strict=True)
+                       if v.charge_file == f), None) for f in files}
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(victims))),
+                            thread_name_prefix="mreaper-family") as members_pool:
+        members = tuple(members_pool.map(
+            lambda vs: kill_and_reap(vs[0], opts, reason=reason, syscalls=syscalls, sent=vs[1]),
+            list(zip(victims, sents, strict=True))))
+    after = {f: cgroup.read_charge(f) for f in files}
+    deltas = [b - a for f in files if (b := before[f]) is not None and (a := after[f]) is not None]
+    freed: int | None = sum(deltas) if files and len(deltas) == len(files) else None
+    source = "memcg " + ", ".join(files) if freed is not None else "unmeasured"
+    t0 = min((s.at for s in sents), default=0.0)
+    backs = [None if m.kill_to_free_s is None else s.at - t0 + m.kill_to_free_s
+             for m, s in zip(members, sents, strict=True)]
+    last = None if not backs or None in backs else max(b for b in backs if b is not None)
+    return GroupKillReport(cgroup="", reason=reason, wall_time=wall, members=members,
+                           skipped=skipped, freed_bytes=freed, freed_source=source,
+                           kill_to_free_s=last, family=label)
+
+
 # --- the reaper pool ---------------------------------------------------------------------
 
 
@@ -893,6 +928,28 @@ class ReaperPool:
                 raise RuntimeError("reaper pool is shut down")
             return self._pool.submit(self._run_group, cgroup_dir, victims, options,
                                      reason=reason, skipped=skipped, recheck=recheck)
+
+    def submit_family(self, label: str, victims: list[Victim], sents: list[Sent],
+                      options: KillOptions = KillOptions(), *, reason: str = "",
+                      skipped: tuple[str, ...] = ()) -> Future[GroupKillReport]:
+        """Reap a family already SIGKILLed (kill_family); the pool closes the pidfds."""
+        with self._lock:
+            if self._closed:
+                for v in victims:
+                    v.close()
+                raise RuntimeError("reaper pool is shut down")
+            return self._pool.submit(self._run_family, label, victims, sents, options,
+                                     reason=reason, skipped=skipped)
+
+    def _run_family(self, label: str, victims: list[Victim], sents: list[Sent],
+                    options: KillOptions, *, reason: str,
+                    skipped: tuple[str, ...]) -> GroupKillReport:
+        try:
+            return kill_family(label, victims, sents, options, reason=reason,
+                               syscalls=self._syscalls, skipped=skipped)
+        finally:
+            for v in victims:
+                v.close()
 
     def _run_group(self, cgroup_dir: str, victims: list[Victim], options: KillOptions, *,
                    reason: str, skipped: tuple[str, ...],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import select
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 from test_invariants import (
     PREFIX,
     GuardedSyscalls,
-    MemoryCgroup,
+    Leak,
     Scenario,
     daemon_config,
     memcgs,  # noqa: F401  (fixture)
@@ -33,14 +34,16 @@ from test_invariants import (
     run_guarded,
 )
 
-from mreaper.hogs import GiB, MiB
+from mreaper.config import Config
+from mreaper.hogs import GiB, MemoryCgroup, MiB
 from mreaper.linux import procfs
+from mreaper.reap import Mrelease
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: memory cgroups")
 
 # A pool: a parent that holds `shared` bytes and forks `n` children; each child names
 # itself <prefix><i>, touches `private` bytes of its own and waits; on each byte read
-# from stdin ("g") every child grows by `step` bytes every 20 ms, `steps` times.  With
+# from stdin ("g") every child grows by `step` bytes every `pace` s, `steps` times.  With
 # respawn=1 the parent forks a new child for each one that dies.  Prints "ready <pids>"
 # and "respawned <pid>".  Everything dies with the test (PR_SET_PDEATHSIG).
 POOL = r"""
@@ -51,6 +54,7 @@ if os.getppid() == 1:
     sys.exit(1)
 procs, name, prefix = sys.argv[1], sys.argv[2], sys.argv[3]
 shared, private, n, respawn, step, steps = (int(x) for x in sys.argv[4:10])
+pace = float(sys.argv[10])
 with open(procs, "w") as f:
     f.write(str(os.getpid()))
 with open("/proc/self/comm", "w") as f:
@@ -72,7 +76,7 @@ def kid(i):
         while os.read(go_r, 1):
             for _ in range(steps):
                 own.append(bytearray(b"\x03") * step)
-                time.sleep(0.02)
+                time.sleep(pace)
     finally:
         os._exit(0)
 
@@ -107,10 +111,10 @@ class Pool:
 
     def __init__(self, cg: MemoryCgroup, parent: str, prefix: str, *, shared: int,
                  private: int, n: int, respawn: bool = False, step: int = 0,
-                 steps: int = 0) -> None:
+                 steps: int = 0, pace: float = 0.02) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", POOL, cg.procs_file, parent, prefix, str(shared),
-             str(private), str(n), "1" if respawn else "0", str(step), str(steps)],
+             str(private), str(n), "1" if respawn else "0", str(step), str(steps), str(pace)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         line = self.line(60)
         if not line.startswith("ready "):
@@ -197,9 +201,21 @@ class TimedGuard(GuardedSyscalls):
 
     def __init__(self, may_signal: Callable[[int], bool], gate: Gate,
                  reap_delay: float = 0.0) -> None:
-        super().__init__(may_signal)
+        super().__init__(self.allowed)
+        self.rule = may_signal
+        self.ours_when_pinned: set[int] = set()
         self.gate = gate
         self.reap_delay = reap_delay
+
+    def pidfd_open(self, pid: int, flags: int = 0) -> int:
+        # A family dies parents first: by the time a worker's SIGKILL goes out, its
+        # parent is dead and it was reparented.  It was ours when it was pinned.
+        if self.rule(pid):
+            self.ours_when_pinned.add(pid)
+        return super().pidfd_open(pid, flags)
+
+    def allowed(self, pid: int) -> bool:
+        return pid in self.ours_when_pinned or self.rule(pid)
 
     def process_mrelease(self, pidfd: int, flags: int = 0) -> None:
         if self.reap_delay:
@@ -283,5 +299,166 @@ def test_kills_follow_the_releases_not_a_clock(memcgs: list[MemoryCgroup],  # no
             assert r.kill_to_free_s is not None, r.human()  # the memory was seen back
             assert "not seen back" not in r.human()
         assert mrelease_without_our_kill(guard.calls) == []
+    finally:
+        pool.kill()
+
+
+# --- families ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FamilySetup:
+    pool: Pool
+    idle: Leak | None
+    gate: Gate
+    guard: TimedGuard
+    cfg: Config
+
+    def start(self, s: Scenario) -> None:
+        """Pressure is felt once the ranking knows every worker; then the workers grow.
+        Their growth counts from the start of the episode (the warn level)."""
+        pool = self.pool
+        s.wait(lambda: s.daemon._cache is not None and set(pool.kids) <= {
+            r.candidate.pid for r in s.daemon._cache.peek()}, 30, "a ranking with the pool")
+        self.gate.open.set()
+        if self.idle is not None:  # the bystander alone holds the warn level
+            s.wait(lambda: s.daemon.scopes["machine"].episode_since is not None, 30, "warn")
+        pool.grow()
+
+
+def family_setup(cgs: list[MemoryCgroup], *, respawn: bool = False, bystander: int = 0,
+                 rules: tuple[dict[str, object], ...] = ()) -> FamilySetup:
+    """A pool of 30 forked workers (2 MiB each of their own, 8 MiB more each when told
+    to grow) and an idle bystander holding `bystander` bytes, each in its own memcg."""
+    cgs += [MemoryCgroup.create(limit=1 * GiB), MemoryCgroup.create(limit=1 * GiB)]
+    base = procfs.read_meminfo().mem_available
+    gate = Gate(cgs, base)
+    pools: list[Pool] = []
+    guard = TimedGuard(ours(os.getpid(), lambda: {p.pid for p in pools}), gate)
+    idle = None
+    if bystander:
+        idle = Leak(cgs[1], "idle", step=16 * MiB, interval=0.0)
+        idle.grow(bystander)
+        idle.grown()
+    pool = Pool(cgs[0], f"{PREFIX}-pool", f"{PREFIX}-w", shared=4 * MiB, private=2 * MiB,
+                n=30, respawn=respawn, step=1 * MiB, steps=8, pace=0.1)
+    pools.append(pool)
+    usage = sum(cg.usage() for cg in cgs)
+    # The kill level: 160 of the workers' 240 MiB of growth away.
+    cfg = daemon_config(available=base, headroom=usage + 160 * MiB, rules=rules)
+    return FamilySetup(pool, idle, gate, guard, cfg)
+
+
+def test_a_growing_family_outranks_a_bigger_idle_process_and_dies_whole(
+        memcgs: list[MemoryCgroup]) -> None:  # noqa: F811
+    """30 workers of one parent, growing 8 MiB each; beside them an idle process of 250
+    MiB, the biggest single process by far, and bigger than what the family holds when
+    the kill level is crossed (earlyoom, nohang and mreaper before families killed it
+    first).  The family outranks it by what it holds and how it grows: the parent and
+    every worker die together, each reaped, and the bystander lives."""
+    f = family_setup(memcgs, bystander=250 * MiB)
+    pool, idle, guard = f.pool, f.idle, f.guard
+    assert idle is not None
+    try:
+        def scenario(s: Scenario) -> None:
+            f.start(s)
+            s.wait(lambda: pool.proc.poll() is not None, 60, "the pool to die")
+            s.wait(lambda: not any(sc.inflight for sc in s.daemon.scopes.values()), 30,
+                   "the family's report")
+
+        run = run_guarded(f.cfg, scenario, guard, f.gate, [])
+        assert idle.proc.poll() is None, "\n".join(run.log)  # the bystander lives
+        assert pool.proc.returncode == -signal.SIGKILL
+        assert pool.alive() == []
+        killed = [line for line in run.log if "killed family tree of" in line]
+        assert len(killed) == 1, "\n".join(run.log)
+        assert f"({len(pool.kids) + 1} processes" in killed[0]
+        signalled = {pid for pid, sig in guard.signalled() if sig == signal.SIGKILL}
+        assert signalled == {pool.pid, *pool.kids}, "\n".join(run.log)
+        # Every member reaped by process_mrelease after its own SIGKILL (or gone first),
+        # all in the one report.
+        outcomes = re.findall(r"(\d+) '[^']*' (\S+?)[,)]", killed[0])
+        assert {int(pid) for pid, _ in outcomes} == signalled
+        assert {o for _, o in outcomes} <= {Mrelease.REAPED.value, Mrelease.EXITED_FIRST.value}
+        assert mrelease_without_our_kill(guard.calls) == []
+        # Parents first: the pool's SIGKILL went out before any worker's.
+        kills = [c.pid for c in guard.calls if c.name == "pidfd_send_signal" and c.sig]
+        assert kills[0] == pool.pid, kills
+    finally:
+        pool.kill()
+        idle.kill()
+
+
+def test_a_family_with_one_protected_member_is_not_killed_whole(
+        memcgs: list[MemoryCgroup]) -> None:  # noqa: F811
+    """The same growing family, one worker protected by a rule: the family is never
+    killed whole (single processes are, the protected worker is not)."""
+    keep = f"^{PREFIX}-w7$"
+    f = family_setup(memcgs, bystander=250 * MiB, rules=({"action": "protect", "name": keep},))
+    pool, idle, guard = f.pool, f.idle, f.guard
+    assert idle is not None
+    protected = pool.kids[7]
+    guard.rule = ours(os.getpid(), lambda: {pool.pid}, lambda: {protected})
+    try:
+        def scenario(s: Scenario) -> None:
+            f.start(s)
+            s.reported(1, timeout=60)
+
+        run = run_guarded(f.cfg, scenario, guard, f.gate, [])
+        assert not any("killing tree" in line or "killed family" in line for line in run.log), \
+            "\n".join(run.log)
+        assert protected in pool.alive()
+        assert all(r.pid != protected for r in run.daemon.kills)
+    finally:
+        pool.kill()
+        idle.kill()
+
+
+def test_a_respawning_pool_is_killed_at_its_parent(memcgs: list[MemoryCgroup]) -> None:  # noqa: F811
+    """A pool that forks a new worker for each one that dies, its workers growing: killing
+    workers one by one never ends; the daemon kills the pool at its parent, with all its
+    workers, once, and nothing respawns."""
+    f = family_setup(memcgs, respawn=True)
+    pool, guard = f.pool, f.guard
+    try:
+        def scenario(s: Scenario) -> None:
+            f.start(s)
+            s.wait(lambda: pool.proc.poll() is not None, 60, "the pool to die")
+            s.wait(lambda: not any(sc.inflight for sc in s.daemon.scopes.values()), 30,
+                   "the family's report")
+
+        run = run_guarded(f.cfg, scenario, guard, f.gate, [])
+        assert pool.proc.returncode == -signal.SIGKILL, "\n".join(run.log)
+        killed = [line for line in run.log if "killed family tree of" in line]
+        assert len(killed) == 1, "\n".join(run.log)
+        kills = [c.pid for c in guard.calls if c.name == "pidfd_send_signal" and c.sig]
+        assert kills[0] == pool.pid, kills  # at its parent, first
+        assert pool.alive() == [] and memcgs[0].usage() < 64 * MiB
+    finally:
+        pool.kill()
+
+
+def test_explain_shows_the_family_its_size_its_growth_and_why(
+        memcgs: list[MemoryCgroup]) -> None:  # noqa: F811
+    """`mreaper explain --growth S` looks twice, S seconds apart, and shows the families as
+    the daemon ranks them: the pool's tree with its members, what it holds, how much it
+    grew, and whether it may be killed whole."""
+    memcgs.append(MemoryCgroup.create(limit=1 * GiB))
+    pool = Pool(memcgs[0], f"{PREFIX}-pool", f"{PREFIX}-w", shared=4 * MiB, private=2 * MiB,
+                n=12, step=1 * MiB, steps=60, pace=0.1)
+    try:
+        pool.grow()  # 1 MiB every 0.1 s each, for 6 s
+        r = subprocess.run([sys.executable, "-m", "mreaper.cli", "explain", "--all",
+                            "--growth", "2", "--protect", f"^{PREFIX}-w3$"],
+                           capture_output=True, text=True, timeout=120, check=False,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        line = next((x for x in r.stdout.splitlines()
+                     if x.startswith(f"tree of {pool.pid} '{PREFIX}-pool': 13 processes")), None)
+        assert line is not None, r.stdout
+        grown = re.search(r"grown ([\d.]+) MiB", line)
+        assert grown and float(grown.group(1)) > 12, line  # 12 workers growing ~10 MiB/s
+        # The protected worker keeps the tree from being killed whole, and explain says so.
+        assert f"holds {pool.kids[3]} '{PREFIX}-w3', which must live" in line, line
     finally:
         pool.kill()

@@ -48,7 +48,8 @@ KNOWN_DAEMON = ("unknown key; known here: dry_run, reapers, mlockall, oom_score_
                 "realtime, log, recovery_timeout")
 KNOWN_DETECT = "unknown key; known here: when, poll_min, poll_max, scan_interval"
 KNOWN_LEVELS = "unknown key; known here: warn, term, kill"
-KNOWN_KILL = "unknown key; known here: term_timeout, sort_by, min_rss, mrelease, demote"
+KNOWN_KILL = ("unknown key; known here: term_timeout, sort_by, min_rss, mrelease, demote, "
+              "families, growth_weight")
 KNOWN_RULE = "unknown key; known here: action, name, cmdline, exe, cgroup, user, adjust"
 TRUE_FALSE = "true or false"
 PATH_HELP = 'an absolute path, or "" for off'

@@ -370,3 +370,17 @@ def read_private(pid: int, proc: str = PROC) -> int:
     if not data:  # no mm (a process past exit_mm): nothing private left
         return 0
     return parse_smaps_private(data, path)
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def read_resident(pid: int, proc: str = PROC) -> int:
+    """Resident bytes from /proc/<pid>/statm (its second field, in pages): the
+    cheapest fresh size of a process, one small read."""
+    path = f"{proc}/{pid}/statm"
+    data = _read_bytes(path, pid)
+    try:
+        return int(data.split()[1]) * PAGE_SIZE
+    except (ValueError, IndexError):
+        raise ParseError(path, f"unexpected layout: {data[:80]!r}") from None
