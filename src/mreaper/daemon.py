@@ -270,8 +270,9 @@ class CandidateCache:
         self._stop = False
         self._lock = threading.Lock()
         self._pids: set[int] = set()  # every pid /proc listed at the last scan
-        # (pid, starttime) -> RSS at the last scan taken while calm: what growth in a
-        # pressure episode is measured from (families.py).
+        # (pid, starttime) -> RSS at the last scan taken while calm, or else at the first
+        # scan that saw the process: what growth in a pressure episode is measured from
+        # (families.py).  A process born big and idle since (arena `many`) has not grown.
         self.calm: dict[tuple[int, int], int] = {}
         self._thread = threading.Thread(target=self._loop, name="mreaper-scan", daemon=True)
         self._warned: set[str] = set()
@@ -347,8 +348,11 @@ class CandidateCache:
         with self._lock:
             self._snapshot = (time.monotonic(), candidates, prefs, ranked)
             self._pids = pids
-            if not self._urgent:
-                self.calm = {(c.pid, c.starttime): c.rss for c in candidates}
+            sizes = {(c.pid, c.starttime): c.rss for c in candidates}
+            if self._urgent:
+                self.calm = {k: self.calm.get(k, rss) for k, rss in sizes.items()}
+            else:
+                self.calm = sizes
 
     def peek(self) -> list[policy.Ranked]:
         """The cached machine-wide ranking as it is (no scan)."""
@@ -935,12 +939,13 @@ class Daemon:
 
     def _growth(self, ranked: list[policy.Ranked]) -> dict[tuple[int, int], int]:
         """Bytes each process grew since the last scan taken while calm (the episode's
-        start, give or take a scan interval); a process new since grew by all it holds."""
+        start, give or take a scan interval) or since a scan first saw it; one no scan
+        has seen yet has not grown as far as we know."""
         calm = self._cache.calm if self._cache is not None else {}
         out = {}
         for r in ranked:
             key = (r.candidate.pid, r.candidate.starttime)
-            out[key] = r.candidate.rss - calm.get(key, 0)
+            out[key] = r.candidate.rss - calm.get(key, r.candidate.rss)
         return out
 
     def _own(self) -> families.Own:

@@ -16,10 +16,12 @@ workload, and a group that outranks every single process is killed whole:
 
 A family's value is what it holds (its members' private memory, what killing them
 frees) plus `weight` times what it grew in the episode; a single process is valued the
-same way.  A family is killed whole only when it is growing and its value is above
-every single eligible process's.  Among overlapping families (a session holds a process
-group holds a tree) the smallest within 10 % of the best value is chosen: an idle
-shell or editor in the same session does not die with the build.
+same way.  A family is killed whole only when two or more of its members grow and its
+value without its biggest member is above every single eligible process's: a family
+holding one leak is not a family of allocators, and its leak dies alone.  Among
+overlapping families (a session holds a process group holds a tree) the smallest
+within 10 % of the best value is chosen: an idle shell or editor in the same session
+does not die with the build.
 
 Never a family (`excluded`, with the reason, as explain shows it):
 * one holding a process that must live (protect rule, oom_score_adj -1000,
@@ -168,18 +170,27 @@ def choose(families: Sequence[Family], ranked: Sequence[policy.Ranked],
            growth: Mapping[Key, int], *, weight: float) -> tuple[Family | None, str]:
     """The family to kill whole, or None; and why, in either case (for the log and
     explain)."""
-    eligible = [f for f in families if f.eligible and f.growth > 0]
+    def growers(f: Family) -> int:
+        return sum(1 for r in f.members if growth.get(_key(r), 0) > 0)
+
+    eligible = [f for f in families if f.eligible and growers(f) >= MIN_MEMBERS]
     if not eligible:
-        return None, "no growing family may be killed whole"
+        return None, "no family with two or more growing members may be killed whole"
     best_value = max(f.value for f in eligible)
     near = [f for f in eligible if f.value >= best_value * CLOSE]
     family = min(near, key=lambda f: (len(f.members), -f.value, f.label))
     singles = [(value_of(r.candidate.frees, growth.get(_key(r), 0), weight), r)
                for r in ranked if r.eligible]
     top = max(singles, key=lambda s: s[0], default=None)
-    if top is not None and top[0] >= family.value:
+    # Without its biggest member the family must still outrank every single process: a
+    # family that holds a leak is not a family of allocators (its leak dies alone).
+    biggest = max(value_of(r.candidate.frees, growth.get(_key(r), 0), weight)
+                  for r in family.members)
+    rest = family.value - biggest
+    if top is not None and top[0] >= rest:
         c = top[1].candidate
-        return None, (f"{family.label} (value {fmt_bytes(family.value)}) does not outrank "
+        return None, (f"{family.label} (value {fmt_bytes(family.value)}, "
+                      f"{fmt_bytes(rest)} without its biggest member) does not outrank "
                       f"{c.pid} {policy.printable(c.name)!r} (value {fmt_bytes(top[0])})")
     beaten = "no single process" if top is None else (
         f"{top[1].candidate.pid} {policy.printable(top[1].candidate.name)!r} "

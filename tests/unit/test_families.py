@@ -59,7 +59,20 @@ def test_a_family_that_does_not_grow_is_not_killed_whole() -> None:
     ranked = policy.rank(cands, [])
     family, why = families.choose(families.group(ranked, {}, weight=1.0), ranked, {},
                                   weight=1.0)
-    assert family is None and "no growing family" in why
+    assert family is None and "two or more growing members" in why
+
+
+def test_a_family_holding_one_leak_is_not_killed_whole_its_leak_dies_alone() -> None:
+    """A service's leaking worker beside its idle siblings: the family outranks the leak
+    only by the leak itself."""
+    cands = [cand(10, pgrp=10, session=10, name="service", rss=40 * MiB)]
+    cands += [cand(11 + i, ppid=10, pgrp=10, session=10, rss=20 * MiB) for i in range(5)]
+    cands.append(cand(30, ppid=10, pgrp=10, session=10, name="leak", rss=400 * MiB))
+    ranked = policy.rank(cands, [])
+    growth = {(30, 300): 300 * MiB, (11, 110): 1 * MiB}  # the leak, and one sibling a bit
+    family, why = families.choose(families.group(ranked, growth, weight=1.0), ranked, growth,
+                                  weight=1.0)
+    assert family is None and "without its biggest member" in why, why
 
 
 def test_a_protected_or_avoided_member_keeps_the_family_whole_from_death() -> None:
