@@ -57,6 +57,7 @@ sys.path.insert(0, str(HERE))
 import contenders as cf  # noqa: E402
 
 HOG = HERE / "hog.py"
+POOL = HERE / "pool.py"
 PY = sys.executable
 MiB = 1 << 20
 CG = "/sys/fs/cgroup"
@@ -64,7 +65,12 @@ TICK = 0.02
 AFTERMATH_S = 3.0
 RUN_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 120.0
-WORKLOADS = ("fast_leak", "slow_leak", "many", "cgroup_leak")
+WORKLOADS = ("fast_leak", "slow_leak", "many", "cgroup_leak", "storm", "respawn_pool", "build")
+#: many small allocators (pool.py), each beside one idle bystander bigger than any of them:
+#: (mode, workers at a time, step MiB, MiB each, seconds between steps)
+POOLS = {"storm": ("storm", 120, 1, 8, 0.1), "respawn_pool": ("respawn", 80, 1, 10, 0.1),
+         "build": ("build", 100, 1, 8, 0.1)}
+POOL_BYSTANDER_MIB = 200
 #: many: the idle processes and the push
 MID_MIB, BIG_MIB, MANY_SPARE_MIB, HOG_OVERHEAD_MIB = 48, 320, 96, 4
 #: many: how far past the level the push goes if nobody stops it (MemAvailable 0 is not
@@ -292,10 +298,13 @@ class Launcher:
             write(f"{self.parent}/cgroup.subtree_control", "+memory")
 
     def start(self, name: str, role: str, size_mib: int, *, step_mib: int = 0,
-              interval: float = 0.0, limit_mib: int | None = None) -> HogProc:
+              interval: float = 0.0, limit_mib: int | None = None,
+              pool: tuple[str, int, int, int, float] | None = None) -> HogProc:
         hog_argv = [PY, "-S", str(HOG), name, str(size_mib)]
         if step_mib:
             hog_argv += [str(step_mib), str(interval)]
+        if pool is not None:
+            hog_argv = [PY, "-S", str(POOL), name, *(str(x) for x in pool)]
         leaf = name.removeprefix("arena-")
         if self.systemd:
             argv = ["systemd-run", "--scope", "--quiet", "--collect", "--slice=arena.slice",
@@ -512,6 +521,7 @@ class Plan:
     active: tuple[str, str, int, int, float, int | None]  # name, role, MiB, step, interval, limit
     expected: str                                      # name of the expected victim
     scope: str | None = None                           # "limited": judged on the cgroup
+    pool: tuple[str, int, int, int, float] | None = None  # pool.py: mode, workers, step...
 
 
 def plan_for(workload: str, level: int) -> Plan:
@@ -523,6 +533,10 @@ def plan_for(workload: str, level: int) -> Plan:
         return Plan([("arena-bystander", "bystander", BYSTANDER_MIB, None)],
                     ("arena-limited", "leak", 1024, 8, 0.05, cf.LIMIT_MIB), "arena-limited",
                     scope="limited")
+    if workload in POOLS:
+        return Plan([("arena-idle", "bystander", POOL_BYSTANDER_MIB, None)],
+                    ("arena-pool", "pool", 0, 0, 0.0, None), "arena-pool",
+                    pool=POOLS[workload])
     if workload == "many":
         avail = meminfo()["MemAvailable"] // MiB
         fill = avail - level // MiB - MANY_SPARE_MIB
@@ -585,7 +599,12 @@ def run_workload(workload: str, contender_name: str, *, mreaper_src: str, tag: s
             size = min(avail - level // MiB + PUSH_PAST_MIB, BIG_MIB - 32)
         res["active"] = {"name": name, "size_mib": size, "step_mib": step,
                          "interval_s": interval, "limit_mib": lim}
-        active = launcher.start(name, role, size, step_mib=step, interval=interval, limit_mib=lim)
+        if plan.pool is not None:
+            mode, workers, pstep, top, pinterval = plan.pool
+            res["active"].update(mode=mode, workers=workers, step_mib=pstep, size_mib=top,
+                                 interval_s=pinterval)
+        active = launcher.start(name, role, size, step_mib=step, interval=interval, limit_mib=lim,
+                                pool=plan.pool)
         launcher.ready([active])
         hogs = launcher.hogs
         res["processes"] = {h.name: {"pid": h.pid, "role": h.role, "cgroup": h.cgroup}
@@ -704,17 +723,24 @@ def analyse(hogs: list[HogProc], plan: Plan, *, level: int, limit: int,
             continue
         seen.add(e["pid"])
         hog = by_pid.get(e["pid"])
+        # many small allocators: the pool and any of its workers (arena-w<i>) are the
+        # expected victims; the bystander is not
+        worker = plan.pool is not None and hog is None and e["comm"].startswith("arena-w")
         kills.append({
             "pid": e["pid"], "comm": e["comm"], "t": round(e["t"] - t0, 4), "sig": e["sig"],
             "by": "kernel-oom" if e["pid"] in victims_of_oom else "contender",
-            "by_comm": e["by_comm"], "workload_process": hog.name if hog else None,
-            "expected": bool(hog and hog.name == plan.expected),
+            "by_comm": e["by_comm"], "workload_process": hog.name if hog else (
+                "arena-pool" if worker else None),
+            "expected": bool(hog and hog.name == plan.expected) or worker,
         })
     died = {h.name: {"t": round(h.died_at - t0, 4), "returncode": h.returncode,
                      "peak_rss_anon_mib": round(max((v for _, v in h.rss), default=0) / MiB, 1)}
             for h in hogs if h.died_at is not None}
     wrong = [k for k in kills if not k["expected"]]
     out: Json = {"kills": kills, "died": died, "wrong_victims": len(wrong),
+                 "bystanders_killed": sorted(h.name for h in hogs
+                                             if h.role == "bystander" and h.died_at is not None),
+                 "contender_kills": sum(1 for k in kills if k["by"] == "contender"),
                  "kernel_oom_kills": oom_delta,
                  "kernel_oom_victims": sorted(victims_of_oom),
                  "kmsg": [line for line in kmsg if re.search(
@@ -749,6 +775,8 @@ def analyse(hogs: list[HogProc], plan: Plan, *, level: int, limit: int,
     first = next((k for k in kills if k["workload_process"]), None)
     t_kill = first["t"] if first else None
     victim = by_pid.get(first["pid"]) if first else None
+    if victim is None and first is not None and first["workload_process"] == "arena-pool":
+        victim = next((h for h in hogs if h.name == "arena-pool"), None)
     if victim is None:  # died without a traced signal: take its death
         dead = [h for h in hogs if h.died_at is not None]
         if dead:

@@ -75,6 +75,15 @@ WORKLOAD_TEXT = {
              "process growing 8 MiB every 50 ms, up to 176 MiB past the level, which is a "
              "real OOM, and always smaller than the big one); exactly one should die: "
              "arena-big"),
+    "storm": ("a fork storm: a parent forks 120 workers at once, each growing 1 MiB every "
+              "100 ms to 8 MiB and keeping it (960 MiB in all, in a 1 GiB VM), beside an "
+              "idle 200 MiB bystander; the pool or its workers should die, not the bystander"),
+    "respawn_pool": ("a worker pool: 80 workers growing 1 MiB every 100 ms to 10 MiB, and the "
+                     "parent forks a new one for each that dies, beside an idle 200 MiB "
+                     "bystander; the pool should die (at its parent), not the bystander"),
+    "build": ("a parallel build: 100 workers at a time, 300 in all, each growing 1 MiB every "
+              "100 ms to 8 MiB and then exiting, beside an idle 200 MiB bystander; the "
+              "build should die, not the bystander"),
     "cgroup_leak": (f"a leak (8 MiB every 50 ms) in a cgroup with memory.max "
                     f"{cf.LIMIT_MIB} MiB and memory.swap.max 0, beside an idle "
                     "300 MiB bystander in a cgroup of its own; the level is 5 % headroom "
@@ -238,6 +247,8 @@ def summarise(results: list[Json], contenders: Sequence[str],
                 cell[name] = spread([fn(r) for r in ok])
             cell["kernel_oom_kills"] = sum(int(r.get("kernel_oom_kills", 0)) for r in ok)
             cell["wrong_victims"] = sum(int(r.get("wrong_victims", 0)) for r in ok)
+            cell["bystanders_killed"] = sum(len(r.get("bystanders_killed") or []) for r in ok)
+            cell["contender_kills"] = [int(r.get("contender_kills", 0)) for r in ok]
             cell["no_kill_runs"] = sum(1 for r in ok if not r.get("kills"))
             cell["timed_out_runs"] = sum(1 for r in ok if r.get("timed_out"))
             cell["killed_before_level"] = sum(1 for r in ok if r.get("killed_before_level"))
@@ -250,6 +261,11 @@ def victim_text(r: Json) -> str:
     kills = r.get("kills") or []
     if not kills:
         return "none (timed out)" if r.get("timed_out") else "none"
+    if len(kills) > 4:  # many small allocators: count them
+        oom = sum(1 for k in kills if k["by"] == "kernel-oom")
+        wrong = [k["comm"] for k in kills if not k["expected"]]
+        return (f"{len(kills) - oom} by {r['contender']}, {oom} by kernel OOM"
+                + (f" [WRONG: {', '.join(wrong)}]" if wrong else ""))
     parts = []
     for k in kills:
         by = "kernel OOM" if k["by"] == "kernel-oom" else r["contender"]
