@@ -725,7 +725,9 @@ def analyse(hogs: list[HogProc], plan: Plan, *, level: int, limit: int,
         hog = by_pid.get(e["pid"])
         # many small allocators: the pool and any of its workers (arena-w<i>) are the
         # expected victims; the bystander is not
-        worker = plan.pool is not None and hog is None and e["comm"].startswith("arena-w")
+        # (a worker killed right after its fork still has the parent's comm)
+        worker = plan.pool is not None and hog is None and (
+            e["comm"].startswith("arena-w") or e["comm"] == "arena-pool")
         kills.append({
             "pid": e["pid"], "comm": e["comm"], "t": round(e["t"] - t0, 4), "sig": e["sig"],
             "by": "kernel-oom" if e["pid"] in victims_of_oom else "contender",

@@ -1300,8 +1300,13 @@ def _release_of(result: KillReport | GroupKillReport, inflight: InFlight,
         reaped = back and all(m.mrelease is Mrelease.REAPED for m in result.members)
         measured = result.freed_source.startswith("memcg")
     else:
-        back = result.kill_to_free_s is not None
-        reaped = back and result.mrelease is Mrelease.REAPED and inflight.released.is_set()
+        # An exit whose memory was not seen back at once still gives it back (a reader
+        # of /proc/<pid>/smaps* holding its mm delays that a little): a lag, not stuck.
+        # Stuck: no exit, or an mm shared with a live process.
+        back = result.kill_to_free_s is not None or (
+            result.exited and result.mrelease is not Mrelease.SHARED_MM)
+        reaped = (result.kill_to_free_s is not None and result.mrelease is Mrelease.REAPED
+                  and inflight.released.is_set())
         measured = result.freed_source.startswith("memcg")
     state = (pacing.State.REAPED if reaped else pacing.State.EXITED if back
              else pacing.State.STUCK)

@@ -12,6 +12,8 @@ cgroup scope take a process out of the running, and say why.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
 import os
 import re
@@ -647,8 +649,8 @@ def scan(proc: str = procfs.PROC, *, between: Callable[[], None] | None = None,
 
     `between` is called before each process: the daemon's background scan parks there
     while the loop decides on a kill (see daemon.CandidateCache.hold).  `private`: also
-    read each one's private memory (smaps_rollup: costs ~6 ms per GiB resident, so the
-    daemon asks for it under pressure only).
+    read the private memory of each forked child of another candidate (smaps_rollup:
+    ~6 ms per GiB resident, so the daemon asks for it under pressure only).
     """
     candidates: list[Candidate] = []
     warnings: list[str] = []
@@ -656,7 +658,7 @@ def scan(proc: str = procfs.PROC, *, between: Callable[[], None] | None = None,
         if between is not None:
             between()
         try:
-            candidate = snapshot(pid, proc, private=private)
+            candidate = snapshot(pid, proc)
         except procfs.ProcessGone:
             continue
         except procfs.ParseError as e:
@@ -667,7 +669,30 @@ def scan(proc: str = procfs.PROC, *, between: Callable[[], None] | None = None,
         else:
             if candidate is not None:
                 candidates.append(candidate)
+    if private:
+        candidates = _with_private(candidates, proc, between)
     return candidates, warnings
+
+
+def _with_private(candidates: list[Candidate], proc: str,
+                  between: Callable[[], None] | None) -> list[Candidate]:
+    """Private memory for the candidates whose parent is a candidate too: only a forked
+    child can share pages copy-on-write with a living parent; for any other process
+    its anonymous RSS is what its kill frees.  Bounded so on purpose: smaps_rollup walks
+    the page tables holding a reference to the mm, and a victim whose mm we hold at
+    its exit gives its memory back only when our walk ends."""
+    pids = {c.pid for c in candidates}
+    out = []
+    for c in candidates:
+        judged = c
+        if c.ppid in pids:
+            if between is not None:
+                between()
+            with contextlib.suppress(procfs.ProcessGone, procfs.ParseError, OSError):
+                judged = dataclasses.replace(c, private=min(procfs.read_private(c.pid, proc),
+                                                            c.rss))
+        out.append(judged)
+    return out
 
 
 def snapshot(pid: int, proc: str = procfs.PROC, *, private: bool = False) -> Candidate | None:

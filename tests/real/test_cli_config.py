@@ -33,7 +33,7 @@ PSI_HELP = ('"some|full <stall_us> <window_us>" with the window 500000-10000000 
             'and 0 < stall <= window (e.g. "full 300000 1000000"), or "off"')
 WHEN_HELP = ("an expression over memory, swap and psi with & (and), | (or) and parentheses, "
              'e.g. "memory & swap | psi"; or "any" / "all" of the three')
-SORT_HELP = 'one of "oom_score", "rss"'
+SORT_HELP = 'one of "oom_score", "rss", "private"'
 TIMEOUT_HELP = "a number of seconds from 0 to 3600"
 CL = "command line"
 
@@ -330,10 +330,13 @@ def test_config_without_a_file_prints_the_defaults(tmp_path: Path, empty: str) -
 
 def _table(stdout: str) -> tuple[list[str], list[str], list[str]]:
     """(header words, process rows, trailing lines) of the first table: the lines before
-    the header (a "scope ...:" title) are not part of it."""
+    the header (a "scope ...:" title) are not part of it, nor what follows its first
+    blank line (the families)."""
     lines = stdout.splitlines()
     at = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["#", "PID"])
     body = lines[at + 1:]
+    if "" in body:
+        body = body[:body.index("")]
     rows = [ln for ln in body if not ln.startswith("...") and ln != "(no candidates)"]
     rest = [ln for ln in body if ln not in rows]
     return lines[at].split(), rows, rest
