@@ -937,15 +937,15 @@ class Daemon:
         # fire again for a PSI-held level to act again.
         scope.psi.fired.clear()
 
-    def _growth(self, ranked: list[policy.Ranked]) -> dict[tuple[int, int], int]:
-        """Bytes each process grew since the last scan taken while calm (the episode's
-        start, give or take a scan interval) or since a scan first saw it; one no scan
-        has seen yet has not grown as far as we know."""
+    def _baseline(self, ranked: list[policy.Ranked]) -> dict[tuple[int, int], int]:
+        """What growth in this episode is measured from, per process: its size at the
+        last scan taken while calm (the episode's start, give or take a scan interval),
+        or at the first scan that saw it, or else as this ranking has it."""
         calm = self._cache.calm if self._cache is not None else {}
         out = {}
         for r in ranked:
             key = (r.candidate.pid, r.candidate.starttime)
-            out[key] = r.candidate.rss - calm.get(key, r.candidate.rss)
+            out[key] = calm.get(key, r.candidate.rss)
         return out
 
     def _own(self) -> families.Own:
@@ -974,13 +974,20 @@ class Daemon:
         alive = [r for r in ranked if (r.candidate.pid, r.candidate.starttime) not in self._killed]
         own = self._own()
         weight = self.cfg.growth_weight
-        first = families.group(alive, self._growth(alive), weight=weight, own=own)
+        base = self._baseline(alive)
+
+        def growth_of(ranked: list[policy.Ranked]) -> dict[tuple[int, int], int]:
+            return {(r.candidate.pid, r.candidate.starttime):
+                    r.candidate.rss - base[(r.candidate.pid, r.candidate.starttime)]
+                    for r in ranked}
+
+        first = families.group(alive, growth_of(alive), weight=weight, own=own)
         wanted = {(r.candidate.pid, r.candidate.starttime) for f in first if f.eligible
                   for r in f.members}
         if len(wanted) <= FRESH_MAX:
             alive = [_refreshed(r) if (r.candidate.pid, r.candidate.starttime) in wanted else r
                      for r in alive]
-        growth = self._growth(alive)
+        growth = growth_of(alive)
         found = families.group(alive, growth, weight=weight, own=own)
         family, why = families.choose(found, alive, growth, weight=weight)
         if family is None:
