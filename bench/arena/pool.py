@@ -10,8 +10,8 @@ MAX_MIB.  MODE:
   runner's workers);
 * ``respawn``: the same, and the parent forks a new worker for each one that dies (a
   worker pool: killing workers one by one never ends);
-* ``build``: at most WORKERS at a time, each exits when it reached MAX_MIB and a new
-  one takes its place, 3 * WORKERS in all (a parallel build: compilers come and go).
+* ``build``: at most WORKERS at a time, each exits 3 s after it reached MAX_MIB and a
+  new one takes its place, 3 * WORKERS in all (a parallel build: compilers come and go).
 
 Says ``ready`` first; dies with the driver (PR_SET_PDEATHSIG), and its workers with it.
 Standard library only, ``-S`` for a short start under TCG.
@@ -29,6 +29,7 @@ import time
 MiB = 1 << 20
 FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0x8000)
 LIBC = ctypes.CDLL(None, use_errno=True)
+LINGER_S = 3.0  # build: how long a worker holds what it grew before it exits
 
 
 def worker(i: int, step: int, top: int, interval: float, leave: bool) -> None:
@@ -41,7 +42,8 @@ def worker(i: int, step: int, top: int, interval: float, leave: bool) -> None:
         held.append(mmap.mmap(-1, min(step, top - grown), flags=FLAGS))
         grown += step
         time.sleep(interval)
-    if leave:
+    if leave:  # a compiler holds its memory a while, then exits
+        time.sleep(LINGER_S)
         os._exit(0)
     while True:
         signal.pause()
