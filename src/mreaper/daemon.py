@@ -847,7 +847,8 @@ class Daemon:
             family, fwhy = self._family(scope, ranked)
             if family is not None and self._kill_family(scope, family, fwhy, verdict,
                                                         detected_at=detected_at, pool=pool,
-                                                        age=age, prefs=prefs):
+                                                        age=age, prefs=prefs,
+                                                        t_ranked=t_ranked):
                 return
         victim, chosen = self._pin_first(ranked, scope, prefs)
         if victim is None or chosen is None:
@@ -996,11 +997,12 @@ class Daemon:
 
     def _kill_family(self, scope: Scope, family: families.Family, why: str, verdict: Verdict,
                      *, detected_at: float, pool: ReaperPool, age: float,
-                     prefs: dict[str, str]) -> bool:
+                     prefs: dict[str, str], t_ranked: float) -> bool:
         """Pin every member, judge each again alone, then SIGKILL them all through their
         pidfds (parents first: a pool cannot respawn what it lost) and hand them to the
         pool to reap, one report for all.  False: not killed whole (a member changed or
         cannot be pinned): the caller kills a single process instead."""
+        t_chosen = time.monotonic()
         self._forget_gone()
         victims: list[Victim] = []
         skipped: list[str] = []
@@ -1055,8 +1057,10 @@ class Daemon:
         options = KillOptions(exit_timeout=self.cfg.recovery_timeout, mrelease=self.cfg.mrelease,
                               demote=self.cfg.demote)
         log.info("%skilling %s (%d processes) [%s]; decided in %.1f ms from a %.0f ms old "
-                 "ranking", _prefix(scope), family.label, len(victims), reason, decided_ms,
-                 age * 1000)
+                 "ranking (ranking %.1f, family %.1f, pin %.1f)", _prefix(scope), family.label,
+                 len(victims), reason, decided_ms, age * 1000,
+                 (t_ranked - detected_at) * 1000, (t_chosen - t_ranked) * 1000,
+                 (time.monotonic() - t_chosen) * 1000)
         sents: list[Sent] = []
         signalled: list[Victim] = []
         for v in victims:
