@@ -136,9 +136,10 @@ KEYS: tuple[Key, ...] = (
     Key("kill", "term_timeout", "seconds 0-3600", "5.0",
         "At the term level: SIGTERM, then SIGKILL after this many seconds (0: SIGKILL at "
         "once). Cut short when memory reaches the kill level meanwhile."),
-    Key("kill", "sort_by", "\"oom_score\" or \"rss\"", "\"oom_score\"",
-        "The base score: the kernel's oom_score (oom_score_adj included), or the resident "
-        "memory in MiB."),
+    Key("kill", "sort_by", "\"oom_score\", \"rss\" or \"private\"", "\"oom_score\"",
+        "The base score: the kernel's oom_score (oom_score_adj included), the resident "
+        "memory in MiB, or what a kill frees in MiB (a forked child's private memory, "
+        "from smaps_rollup, read under pressure; the resident memory until then)."),
     Key("kill", "min_rss", "size", "0",
         "Never kill a process whose resident memory is smaller than this."),
     Key("kill", "mrelease", "boolean", "true",
@@ -147,6 +148,15 @@ KEYS: tuple[Key, ...] = (
     Key("kill", "demote", "boolean", "false",
         "Before the kill, give the victim's threads SCHED_IDLE and nice 19, so that it "
         "stops competing for the CPU while it dies."),
+    Key("kill", "families", "boolean", "true",
+        "Rank families too (a process group, a session, a parent tree, a leaf cgroup): "
+        "when two or more of a family's processes grow and, without its biggest, it "
+        "holds more than any single process, kill it whole (parents first, each through "
+        "its pidfd, each reaped). A family holding a protected or avoided process, or "
+        "mreaper itself, is never killed whole."),
+    Key("kill", "growth_weight", "number 0-100", "1.0",
+        "How much growth in the pressure episode counts next to what is held, for "
+        "families and the processes they are compared with (0: growth is ignored)."),
     # [[rule]]
     Key("rule", "action", "\"prefer\", \"avoid\" or \"protect\"", None,
         "Required. prefer raises the score (kill sooner), avoid lowers it, protect "
