@@ -69,7 +69,7 @@ WORKLOADS = ("fast_leak", "slow_leak", "many", "cgroup_leak", "storm", "respawn_
 #: many small allocators (pool.py), each beside one idle bystander bigger than any of them:
 #: (mode, workers at a time, step MiB, MiB each, seconds between steps)
 POOLS = {"storm": ("storm", 120, 1, 8, 0.1), "respawn_pool": ("respawn", 80, 1, 10, 0.1),
-         "build": ("build", 100, 1, 8, 0.1)}
+         "build": ("build", 100, 1, 12, 0.1)}
 POOL_BYSTANDER_MIB = 200
 #: many: the idle processes and the push
 MID_MIB, BIG_MIB, MANY_SPARE_MIB, HOG_OVERHEAD_MIB = 48, 320, 96, 4

@@ -82,7 +82,7 @@ WORKLOAD_TEXT = {
                      "parent forks a new one for each that dies, beside an idle 200 MiB "
                      "bystander; the pool should die (at its parent), not the bystander"),
     "build": ("a parallel build: 100 workers at a time, 300 in all, each growing 1 MiB every "
-              "100 ms to 8 MiB, holding it 3 s and exiting, beside an idle 200 MiB bystander; the "
+              "100 ms to 12 MiB, holding it 3 s and exiting, beside an idle 200 MiB bystander; the "
               "build should die, not the bystander"),
     "cgroup_leak": (f"a leak (8 MiB every 50 ms) in a cgroup with memory.max "
                     f"{cf.LIMIT_MIB} MiB and memory.swap.max 0, beside an idle "
