@@ -1307,8 +1307,11 @@ def _release_of(result: KillReport | GroupKillReport, inflight: InFlight,
     pages may lag on per-CPU free lists), or stuck (not seen back)."""
     now = time.monotonic()
     if isinstance(result, GroupKillReport):
-        back = result.kill_to_free_s is not None
-        reaped = back and all(m.mrelease is Mrelease.REAPED for m in result.members)
+        back = result.kill_to_free_s is not None or all(
+            m.kill_to_free_s is not None or (m.exited and m.mrelease is not Mrelease.SHARED_MM)
+            for m in result.members)
+        reaped = (result.kill_to_free_s is not None
+                  and all(m.mrelease is Mrelease.REAPED for m in result.members))
         measured = result.freed_source.startswith("memcg")
     else:
         # An exit whose memory was not seen back at once still gives it back (a reader

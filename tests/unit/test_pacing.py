@@ -54,3 +54,40 @@ def test_without_a_byte_figure_only_every_release_seen_allows_a_kill() -> None:
     pending = Release(State.PENDING, 16 * MiB, available_at_kill=None)
     assert not pace(None, [pending], now=1, looked_at=1, available=None).act
     assert pace(None, [], now=1, looked_at=1, available=None).act
+
+
+def test_a_finished_kill_is_judged_by_its_own_release() -> None:
+    """From the kill report: reaped by us, freed by its exit (even when not seen back at
+    once: a reader of its smaps may hold its mm a moment), stuck only without an exit
+    or with an mm shared with a live process."""
+    from concurrent.futures import Future
+    from dataclasses import replace
+
+    from test_report import report
+
+    from mreaper.daemon import _release_of
+    from mreaper.reap import GroupKillReport, Mrelease
+    from mreaper.scope import InFlight
+
+    def inflight(released: bool) -> InFlight:
+        f: InFlight = InFlight(Future(), None, 0.0, 100 * MiB, 16 * MiB, ((1, 1),))
+        if released:
+            f.released.set()
+            f.released_at.append(5.0)
+        return f
+
+    assert _release_of(report(), inflight(True), 16 * MiB).state is State.REAPED
+    exited = report(mrelease=Mrelease.EXITED_FIRST)
+    assert _release_of(exited, inflight(False), 16 * MiB).state is State.EXITED
+    unseen = report(mrelease=Mrelease.EXITED_FIRST, kill_to_free_s=None)
+    assert _release_of(unseen, inflight(False), 0).state is State.EXITED
+    shared = report(mrelease=Mrelease.SHARED_MM, kill_to_free_s=None)
+    assert _release_of(shared, inflight(False), 0).state is State.STUCK
+    hung = report(kill_to_free_s=None, exited=False, mrelease=Mrelease.RETRIES_EXHAUSTED)
+    assert _release_of(hung, inflight(False), 0).state is State.STUCK
+    group = GroupKillReport(cgroup="", reason="", wall_time=0.0, members=(exited, unseen),
+                            skipped=(), freed_bytes=None, freed_source="unmeasured",
+                            kill_to_free_s=None, family="tree of 1 'x'")
+    assert _release_of(group, inflight(False), None).state is State.EXITED
+    group = replace(group, members=(exited, shared))
+    assert _release_of(group, inflight(False), None).state is State.STUCK
