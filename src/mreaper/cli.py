@@ -262,7 +262,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             growth = {(c.pid, c.starttime): c.rss - before.get((c.pid, c.starttime), 0)
                       for c in candidates}
         ranked = policy.rank(candidates, cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss,
-                             cgroup_preferences=prefs)
+                             cgroup_preferences=prefs, pods=cfg.pods)
         print("scope machine: every process")
         print(policy.explain_table(ranked, limit=limit))
         if cfg.families:
@@ -280,7 +280,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for name, (sc, path) in chosen.items():
         rel = cgroup.relative(unified, path)
         ranked = policy.rank(candidates, cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss,
-                             scope_cgroup=rel, cgroup_preferences=prefs)
+                             scope_cgroup=rel, cgroup_preferences=prefs, pods=cfg.pods)
         inside = [r for r in ranked if policy.in_scope(r.candidate.cgroup, rel)]
         print(f"scope {name}: cgroup {path}; unit {sc.unit}"
               + (f" by {sc.select}" if sc.unit == "cgroup" else ""))

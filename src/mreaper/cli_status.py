@@ -107,7 +107,8 @@ def local_status(cfg: Config, top: int = TOP_CANDIDATES,
         "psi": avgs,
     }
     candidates, _warnings = policy.scan(proc)
-    ranked = policy.rank(candidates, cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss)
+    ranked = policy.rank(candidates, cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss,
+                         pods=cfg.pods)
     return {
         "pid": None, "dry_run": cfg.dry_run, "config": cfg.origin, "scopes": [scope],
         "candidates": [{"pid": r.candidate.pid, "name": r.candidate.name, "rss": r.candidate.rss,

@@ -452,6 +452,7 @@ class Config:
     # this many times what is held.
     families: bool = True
     growth_weight: float = 1.0
+    pods: bool = True   # Kubernetes QoS order and pause processes (policy.rank)
     # [[rule]]
     rules: tuple[Rule, ...] = field(default_factory=_default_rules)
     # [[scope]]
@@ -519,7 +520,7 @@ _DAEMON_KEYS = ("dry_run", "reapers", "mlockall", "oom_score_adj", "nice", "real
                 "recovery_timeout")
 _DETECT_KEYS = ("when", "poll_min", "poll_max", "scan_interval")
 _KILL_KEYS = ("term_timeout", "sort_by", "min_rss", "mrelease", "demote", "families",
-              "growth_weight")
+              "growth_weight", "pods")
 _RULE_KEYS = ("action", "name", "cmdline", "exe", "cgroup", "user", "adjust")
 _SECTIONS = ("daemon", "detect", "memory", "swap", "psi", "kill", "rule", "scope", "events",
              "metrics", "hooks", "status")
@@ -611,7 +612,7 @@ def apply(base: Config, data: Mapping[str, Any], origin: str, *, rule_start: int
                                             tuple(s.value for s in SortBy)))
     if "min_rss" in k:
         changes["min_rss"] = parse_size(k["min_rss"], origin, "kill.min_rss")
-    for key in ("mrelease", "demote", "families"):
+    for key in ("mrelease", "demote", "families", "pods"):
         if key in k:
             changes[key] = _bool(origin, f"kill.{key}", k[key])
     if "growth_weight" in k:
@@ -1005,6 +1006,7 @@ def to_toml(cfg: Config) -> str:
     line("demote", cfg.demote)
     line("families", cfg.families)
     line("growth_weight", cfg.growth_weight)
+    line("pods", cfg.pods)
     for sc in cfg.scopes:
         out += ["", "[[scope]]"]
         line("name", sc.name)

@@ -157,6 +157,11 @@ KEYS: tuple[Key, ...] = (
     Key("kill", "growth_weight", "number 0-100", "1.0",
         "How much growth in the pressure episode counts next to what is held, for "
         "families and the processes they are compared with (0: growth is ignored)."),
+    Key("kill", "pods", "boolean", "true",
+        "Kubernetes pods, known from kubelet's cgroup paths (docs/kubernetes.md): every "
+        "BestEffort container is chosen before any Burstable one, and those before any "
+        "Guaranteed one or any process outside pods, whatever the scores; a pod's sandbox "
+        "(pause) process is never chosen. Changes nothing where no process is in a pod."),
     # [[rule]]
     Key("rule", "action", "\"prefer\", \"avoid\" or \"protect\"", None,
         "Required. prefer raises the score (kill sooner), avoid lowers it, protect "

@@ -344,7 +344,8 @@ class CandidateCache:
                 log.warning("scan: %s", w)
         prefs = preferences(candidates, self.unified)
         ranked = policy.rank(candidates, self.cfg.rules, sort_by=self.cfg.sort_by,
-                             min_rss=self.cfg.min_rss, cgroup_preferences=prefs)
+                             min_rss=self.cfg.min_rss, cgroup_preferences=prefs,
+                             pods=self.cfg.pods)
         with self._lock:
             self._snapshot = (time.monotonic(), candidates, prefs, ranked)
             self._pids = pids
@@ -384,7 +385,8 @@ class CandidateCache:
         if added:
             candidates = candidates + added
             ranked = policy.rank(candidates, self.cfg.rules, sort_by=self.cfg.sort_by,
-                                 min_rss=self.cfg.min_rss, cgroup_preferences=prefs)
+                                 min_rss=self.cfg.min_rss, cgroup_preferences=prefs,
+                                 pods=self.cfg.pods)
         return candidates, prefs, ranked, time.monotonic() - at
 
     def _loop(self) -> None:
@@ -833,7 +835,7 @@ class Daemon:
         if isinstance(scope, CgroupScope):
             ranked = policy.rank(candidates, self.cfg.rules, sort_by=self.cfg.sort_by,
                                  min_rss=self.cfg.min_rss, scope_cgroup=scope.cgroup_path,
-                                 cgroup_preferences=prefs)
+                                 cgroup_preferences=prefs, pods=self.cfg.pods)
         else:
             ranked = machine_ranked
         if isinstance(scope, CgroupScope) and scope.sc.unit == "cgroup":
@@ -1187,7 +1189,8 @@ class Daemon:
             now = policy.candidate_of(victim)
             again = policy.rank([now], self.cfg.rules, sort_by=self.cfg.sort_by,
                                 min_rss=self.cfg.min_rss, scope_cgroup=scope.cgroup_path,
-                                cgroup_preferences=prefs) if now is not None else []
+                                cgroup_preferences=prefs,
+                                pods=self.cfg.pods) if now is not None else []
             if not again or again[0].excluded is not None:
                 why = again[0].excluded if again else "no longer a candidate"
                 passed["changed since the ranking"] += 1

@@ -74,7 +74,9 @@ class Pod:
 
 _QOS_NAMES = {"besteffort": QoS.BEST_EFFORT, "burstable": QoS.BURSTABLE}
 # a pod uid: a UUID (API pods) or 32 hex digits (static pods' hash); systemd writes '_'
-_UID_CHARS = frozenset("0123456789abcdef-")
+# for '-', and either is taken in both layouts (a class lost to a misread uid would put
+# a Burstable pod among the Guaranteed ones)
+_UID_CHARS = frozenset("0123456789abcdef-_")
 _HEX = frozenset("0123456789abcdef")
 _RUNTIME_PREFIXES = ("cri-containerd-", "crio-", "docker-")
 MAX_UID = 64       # UUID: 36; a static pod's hash: 32
@@ -130,10 +132,11 @@ def _systemd(rest: list[str], *, namespaced: bool) -> Pod | None:
         qos, uid = QoS.GUARANTEED, slice_name[len("kubepods-pod"):]
     if not uid.endswith(".slice"):
         return None
-    uid = uid[:-len(".slice")].replace("_", "-")
+    uid = uid[:-len(".slice")]
     if not _is_uid(uid):
         return None
-    return Pod(qos, uid, _systemd_container(rest[i + 1] if i + 1 < len(rest) else ""))
+    unit = rest[i + 1] if i + 1 < len(rest) else ""
+    return Pod(qos, uid.replace("_", "-"), _systemd_container(unit))
 
 
 def _systemd_container(unit: str) -> str:
@@ -161,6 +164,7 @@ def _cgroupfs(rest: list[str], *, namespaced: bool) -> Pod | None:
     uid = rest[i][len("pod"):]
     if not _is_uid(uid):
         return None
+    uid = uid.replace("_", "-")
     if qos is None:
         # directly under /kubepods: Guaranteed; after ".." steps that did not name
         # kubepods, the steps may have stopped at a QoS directory: unknown
@@ -170,7 +174,7 @@ def _cgroupfs(rest: list[str], *, namespaced: bool) -> Pod | None:
 
 
 def _is_uid(uid: str) -> bool:
-    return 0 < len(uid) <= MAX_UID and set(uid) <= _UID_CHARS and uid.strip("-") == uid
+    return 0 < len(uid) <= MAX_UID and set(uid) <= _UID_CHARS and uid.strip("-_") == uid
 
 
 def _is_id(cid: str) -> bool:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mreaper import reap
+from mreaper import kube, reap
 from mreaper.linux import procfs
 
 if TYPE_CHECKING:
@@ -452,6 +452,10 @@ class Ranked:
     # user.oomd_omit), not merely be passed over (min_rss, outside the scope): a cgroup
     # holding it must not be killed as a whole either.
     must_live: bool = False
+    # Kubernetes: the pod the process is in (None: none, or pods=False), and its tier
+    # (kube.TIER_OF), which orders before the score.
+    pod: kube.Pod | None = None
+    tier: int = kube.NOT_A_POD_TIER
 
     @property
     def eligible(self) -> bool:
@@ -476,7 +480,8 @@ def in_scope(cgroup: str, scope: str) -> bool:
 def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
          sort_by: SortBy = SortBy.OOM_SCORE, min_rss: int = 0,
          scope_cgroup: str | None = None,
-         cgroup_preferences: Mapping[str, str] | None = None) -> list[Ranked]:
+         cgroup_preferences: Mapping[str, str] | None = None,
+         pods: bool = True) -> list[Ranked]:
     """Score and order `candidates`.  Pure.
 
     `cgroup_preferences` maps cgroup v2 paths to systemd's ManagedOOMPreference= as
@@ -487,9 +492,16 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
     rule adds its adjustment.  Excluded (kept in the list, with the reason): a match of
     a protect rule, oom_score_adj -1000, rss below `min_rss` bytes, a cgroup outside
     `scope_cgroup`.  The first three (and user.oomd_omit) also set `must_live`: the
-    process must not die at all, so neither may a cgroup holding it.  Order: eligible
-    first, by score descending, then larger rss, then lower pid; the excluded after, in
-    the same order.
+    process must not die at all, so neither may a cgroup holding it.
+
+    `pods` (kill.pods): processes in kubelet's pod cgroups rank by QoS class before
+    score, as Kubernetes evicts: every BestEffort one before any Burstable one, those
+    before any Guaranteed one or any process outside pods (kube.TIER_OF); a pod's
+    sandbox (pause) process is excluded and must live (kube.is_pause).  Without pods on
+    the machine every process is in one tier and nothing changes.
+
+    Order: eligible first, by tier, then score descending, then larger rss, then lower
+    pid; the excluded after, in the same order.
     """
     if min_rss < 0:
         raise ValueError(f"min_rss {min_rss!r}: must be >= 0 bytes")
@@ -532,6 +544,10 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
                     score -= DEFAULT_ADJUST
                     touched.append(f"user.oomd_avoid on {where}: "
                                    f"{-DEFAULT_ADJUST:+d}")
+        pod = kube.pod_of(c.cgroup) if pods else None
+        if pod is not None and kube.is_pause(c.cgroup, c.cmdline, c.rss):
+            reasons.append("the pod's sandbox (pause) process")
+            must_live = True
         if c.oom_score_adj <= OOM_SCORE_ADJ_MIN:
             reasons.append(f"oom_score_adj {c.oom_score_adj}")
             must_live = True
@@ -541,8 +557,9 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
             reasons.append(f"rss {reap.fmt_bytes(c.rss)} below min_rss {reap.fmt_bytes(min_rss)}")
         ranked.append(Ranked(candidate=c, score=score, touched_by=tuple(touched),
                              excluded="; ".join(reasons) if reasons else None,
-                             must_live=must_live))
-    ranked.sort(key=lambda r: (r.excluded is not None, -r.score, -r.candidate.rss,
+                             must_live=must_live, pod=pod,
+                             tier=kube.NOT_A_POD_TIER if pod is None else kube.TIER_OF[pod.qos]))
+    ranked.sort(key=lambda r: (r.excluded is not None, r.tier, -r.score, -r.candidate.rss,
                                r.candidate.pid))
     return ranked
 
@@ -606,6 +623,8 @@ def explain_table(ranked: Sequence[Ranked], limit: int | None = 20) -> str:
         else:
             number = "-"
         why = list(r.touched_by)
+        if r.pod is not None:
+            why.insert(0, r.pod.describe())
         if r.excluded is not None:
             why.append(f"excluded: {r.excluded}")
         rows.append((number, str(c.pid), printable(c.name), reap.fmt_bytes(c.rss),

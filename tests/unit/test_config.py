@@ -49,7 +49,7 @@ KNOWN_DAEMON = ("unknown key; known here: dry_run, reapers, mlockall, oom_score_
 KNOWN_DETECT = "unknown key; known here: when, poll_min, poll_max, scan_interval"
 KNOWN_LEVELS = "unknown key; known here: warn, term, kill"
 KNOWN_KILL = ("unknown key; known here: term_timeout, sort_by, min_rss, mrelease, demote, "
-              "families, growth_weight")
+              "families, growth_weight, pods")
 KNOWN_RULE = "unknown key; known here: action, name, cmdline, exe, cgroup, user, adjust"
 TRUE_FALSE = "true or false"
 PATH_HELP = 'an absolute path, or "" for off'

@@ -44,6 +44,7 @@ GU = f"kubepods-pod{SD_UID}.slice"
     (f"/kubepods/burstable/pod{UID}/{CID}", Pod(QoS.BURSTABLE, UID, CID)),
     (f"/kubepods/pod{UID}/{CID}", Pod(QoS.GUARANTEED, UID, CID)),
     (f"/kubepods/burstable/pod{UID}", Pod(QoS.BURSTABLE, UID, "")),
+    (f"/kubepods/burstable/pod{SD_UID}/{CID}", Pod(QoS.BURSTABLE, UID, CID)),  # '_' taken
     # from mreaper's own cgroup namespace (kernel: cgroup_path_ns), steps up to the
     # nearest common ancestor: /, kubepods.slice, or a QoS slice
     (f"/../../../kubepods.slice/{GU}/cri-containerd-{CID}.scope",
@@ -80,7 +81,7 @@ def test_kubelet_layouts(path: str, want: Pod) -> None:
     "/kubepods.slice/kubepods-pod.slice", "/kubepods/pod/x",
     "/kubepods.slice/kubepods-podé1.slice", f"/kubepods/pod{UID.upper()}/{CID}",
     "/kubepods.slice/kubepods-pod" + "a" * 5000 + ".slice",
-    "/kubepods.slice/kubepods-pod-.slice", "/kubepods/pod_abc/x",
+    "/kubepods.slice/kubepods-pod-.slice", "/kubepods/pod_abc/x", "/kubepods/podxyz/x",
     "/kubepods.slice/kubepods-pod\udcff.slice",
     # a cgroup named like a sibling container, from within the pod: no way to tell
     f"/../{CID}", "/../cri-containerd-abc.scope",

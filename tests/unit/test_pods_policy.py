@@ -1,0 +1,140 @@
+"""policy.rank with kill.pods: Kubernetes' QoS order before the score, the pause process
+never, and nothing changed where no process is in a pod.  Pure: candidate snapshots
+with kubelet's cgroup paths (this machine runs no kubelet; tests/real/test_pods.py
+ranks and kills real processes in look-alike cgroups)."""
+
+from __future__ import annotations
+
+from mreaper import policy
+from mreaper.kube import QoS
+from mreaper.policy import Action, Candidate, Rule
+
+MiB = 1 << 20
+CID = "ab" * 32
+PAUSE_ID = "cd" * 32
+
+
+def sd(qos: str, pod: str, ctr: str = CID) -> str:
+    uid = f"{pod:0>8}-0000-4000-8000-000000000000".replace("-", "_")
+    if qos == "guaranteed":
+        return f"/kubepods.slice/kubepods-pod{uid}.slice/cri-containerd-{ctr}.scope"
+    return (f"/kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{uid}.slice/"
+            f"cri-containerd-{ctr}.scope")
+
+
+def cand(pid: int, cgroup: str, *, rss_mib: int = 100, oom_score: int = 100, adj: int = 0,
+         cmdline: tuple[str, ...] = ("app",)) -> Candidate:
+    return Candidate(pid=pid, starttime=pid, name=cmdline[0].rsplit("/", 1)[-1],
+                     cmdline=cmdline, exe="", uid=0, cgroup=cgroup, rss=rss_mib * MiB,
+                     swap=0, oom_score=oom_score, oom_score_adj=adj)
+
+
+def node() -> list[Candidate]:
+    """A node under pressure: the biggest scores are not in BestEffort pods."""
+    return [
+        cand(10, sd("guaranteed", "1"), rss_mib=8000, oom_score=1999),
+        cand(11, sd("burstable", "2"), rss_mib=4000, oom_score=1500),
+        cand(12, sd("burstable", "2", "ef" * 32), rss_mib=3000, oom_score=1400),
+        cand(13, sd("besteffort", "3"), rss_mib=20, oom_score=1001),
+        cand(14, sd("besteffort", "3", PAUSE_ID), rss_mib=1, oom_score=2000,
+             cmdline=("/pause",)),
+        cand(15, "/system.slice/cron.service", rss_mib=9000, oom_score=1800),
+        cand(16, "/user.slice/user-1000.slice/user@1000.service/kubepods.slice/"
+             "kubepods-besteffort.slice/x", rss_mib=50, oom_score=10),
+    ]
+
+
+def order(ranked: list[policy.Ranked]) -> list[int]:
+    return [r.candidate.pid for r in ranked if r.eligible]
+
+
+def test_qos_order_before_score() -> None:
+    ranked = policy.rank(node(), [])  # on by default
+    # BestEffort (the small one), then Burstable by score, then the rest by score; the
+    # user's look-alike cgroup is no pod: ranked with the rest
+    assert order(ranked) == [13, 11, 12, 10, 15, 16]
+    assert policy.choose(ranked) is not None
+    assert policy.choose(ranked).candidate.pid == 13  # type: ignore[union-attr]
+    by_pid = {r.candidate.pid: r for r in ranked}
+    assert by_pid[13].pod is not None and by_pid[13].pod.qos is QoS.BEST_EFFORT
+    assert by_pid[16].pod is None and by_pid[15].pod is None
+
+
+def test_never_guaranteed_while_besteffort_or_burstable() -> None:
+    """Whatever is left, a Guaranteed container is chosen only when no BestEffort and no
+    Burstable one is eligible."""
+    left = node()
+    seen = []
+    while (victim := policy.choose(policy.rank(left, []))) is not None:
+        seen.append(victim.candidate.pid)
+        left = [c for c in left if c.pid != victim.candidate.pid]
+    assert seen.index(10) > max(seen.index(11), seen.index(12), seen.index(13))
+    assert 14 not in seen  # the pause process, never
+
+
+def test_pause_excluded_and_must_live() -> None:
+    by_pid = {r.candidate.pid: r for r in policy.rank(node(), [])}
+    pause = by_pid[14]
+    assert not pause.eligible and pause.must_live
+    assert pause.excluded is not None and "pause" in pause.excluded
+
+
+def test_pause_name_shelters_no_big_process() -> None:
+    """A pod's process may call itself /pause: over PAUSE_MAX_RSS it is ranked as any
+    other; outside a pod's container cgroup the name means nothing."""
+    fake = cand(20, sd("besteffort", "4"), rss_mib=500, oom_score=1500, cmdline=("/pause",))
+    host = cand(21, "/system.slice/x.service", rss_mib=1, oom_score=5, cmdline=("/pause",))
+    nocontainer = cand(22, sd("besteffort", "4").rsplit("/", 1)[0], rss_mib=1,
+                       cmdline=("/pause",))
+    ranked = policy.rank([fake, host, nocontainer], [])
+    assert all(r.eligible for r in ranked)
+    assert order(ranked)[:2] == [20, 22]
+
+
+def test_rules_order_within_a_tier_only() -> None:
+    """A prefer rule moves a Guaranteed container up among the rest, never ahead of a
+    Burstable one; an avoid rule cannot hold a BestEffort one behind a Burstable one."""
+    rules = [Rule(Action.PREFER, cgroup="kubepods-pod", adjust=100000),
+             Rule(Action.AVOID, cgroup="kubepods-besteffort", adjust=-100000)]
+    assert order(policy.rank(node(), rules))[:4] == [13, 11, 12, 10]
+
+
+def test_protected_besteffort_gives_way_to_burstable() -> None:
+    rules = [Rule(Action.PROTECT, cgroup="kubepods-besteffort")]
+    assert order(policy.rank(node(), rules))[0] == 11
+
+
+def test_off() -> None:
+    """kill.pods = false: the plain score order, the pause process eligible."""
+    ranked = policy.rank(node(), [], pods=False)
+    assert order(ranked) == [14, 10, 15, 11, 12, 13, 16]
+    assert all(r.pod is None for r in ranked)
+
+
+def test_no_pods_no_change() -> None:
+    plain = [c for c in node() if "/kubepods.slice/" not in c.cgroup or
+             c.cgroup.startswith("/user.slice")]
+    assert [r.candidate.pid for r in policy.rank(plain, [])] == \
+           [r.candidate.pid for r in policy.rank(plain, [], pods=False)]
+
+
+def test_explain_names_pod_and_qos() -> None:
+    table = policy.explain_table(policy.rank(node(), []))
+    lines = {line.split()[1]: line for line in table.splitlines()[1:] if line.split()}
+    assert "pod 00000003-0000-4000-8000-000000000000 (BestEffort) container abababababab" \
+        in lines["13"]
+    assert "(Guaranteed)" in lines["10"]
+    assert "excluded: the pod's sandbox (pause) process" in lines["14"]
+    assert "pod " not in lines["15"]
+
+
+def test_config_key() -> None:
+    import pytest
+
+    from mreaper import config
+
+    assert config.Config().pods is True
+    assert config.apply(config.Config(), {"kill": {"pods": False}}, "t.toml").pods is False
+    with pytest.raises(config.ConfigError, match=r"kill\.pods = 'no'.*true or false"):
+        config.apply(config.Config(), {"kill": {"pods": "no"}}, "t.toml")
+    assert "pods = false" in config.to_toml(config.Config(pods=False))
