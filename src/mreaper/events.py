@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from mreaper.reap import KillReport, fmt_bytes
-from mreaper.report import Episode, Sample
+from mreaper.report import Episode, Sample, pod_fields
 
 log = logging.getLogger("mreaper")
 
@@ -53,7 +53,7 @@ class EventsSink:
 
     # -- the Sink protocol
     def kill(self, report: KillReport, scope: str) -> None:
-        self.write({"event": "kill", "scope": scope, **report.to_dict()})
+        self.write({"event": "kill", "scope": scope, **report.to_dict(), **pod_fields(report)})
 
     def episode(self, event: Episode) -> None:
         self.write(event.to_dict())

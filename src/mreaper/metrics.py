@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from mreaper import kube
 from mreaper.reap import KillReport, Mrelease
 from mreaper.report import Episode, Sample
 
@@ -108,6 +109,10 @@ class MetricsSink:
             "mreaper_kills", "Kills, by scope, the level the kill was made at (warn/term/kill, "
             "other: not from a level) and process_mrelease outcome",
             ("scope", "reason_level", "outcome"), registry=r)
+        # by class, not by pod: a pod uid as a label would leave a series per pod killed
+        self.pod_kills: Counter = pc.Counter(
+            "mreaper_pod_kills", "Kills of processes in Kubernetes pods, by QoS class "
+            "(BestEffort, Burstable, Guaranteed, unknown)", ("qos",), registry=r)
         self.freed: Counter = pc.Counter(
             "mreaper_freed_bytes", "Bytes freed by kills, as measured (negative measurements "
             "are not counted)", ("scope",), registry=r)
@@ -158,6 +163,9 @@ class MetricsSink:
     def kill(self, report: KillReport, scope: str) -> None:
         self.kills.labels(scope, reason_level(report.reason, scope),
                           report.mrelease.value).inc()
+        pod = kube.pod_of(report.cgroup)
+        if pod is not None:
+            self.pod_kills.labels(pod.qos.value).inc()
         if report.freed_bytes is not None and report.freed_bytes > 0:
             self.freed.labels(scope).inc(report.freed_bytes)
         self.mrelease.labels(mrelease_errno_label(report)).inc()

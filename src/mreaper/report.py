@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from mreaper import kube
 from mreaper.reap import KillReport
 
 log = logging.getLogger("mreaper")
@@ -56,12 +57,27 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def pod_fields(report: KillReport) -> dict[str, str | None]:
+    """The victim's pod as events carry it: pod_uid, qos (Kubernetes' spelling) and
+    container_id ("" in the pod's cgroup but no container's); all None outside pods."""
+    pod = kube.pod_of(report.cgroup)
+    if pod is None:
+        return {"pod_uid": None, "qos": None, "container_id": None}
+    return dict(pod.to_dict())
+
+
+def pod_suffix(report: KillReport) -> str:
+    """"; in pod <uid> (<QoS>) container <id>" for a victim in a pod, else ""."""
+    pod = kube.pod_of(report.cgroup)
+    return "" if pod is None else f"; in {pod.describe()}"
+
+
 class LogSink:
     """One line per kill (the report) and per episode start and end."""
 
     def kill(self, report: KillReport, scope: str) -> None:
         prefix = "" if scope == "machine" else f"[{scope}] "
-        log.warning("%s%s", prefix, report.human())
+        log.warning("%s%s%s", prefix, report.human(), pod_suffix(report))
 
     def episode(self, event: Episode) -> None:
         prefix = "" if event.scope == "machine" else f"[{event.scope}] "

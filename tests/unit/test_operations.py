@@ -58,7 +58,8 @@ def test_events_lines_are_the_report_and_the_episode(tmp_path: Path) -> None:
     sink.close()
     lines = path.read_text().splitlines()
     assert len(lines) == 2
-    assert json.loads(lines[0]) == {"event": "kill", "scope": "machine", **r.to_dict()}
+    assert json.loads(lines[0]) == {"event": "kill", "scope": "machine", **r.to_dict(),
+                                    "pod_uid": None, "qos": None, "container_id": None}
     assert json.loads(lines[1]) == episode().to_dict()
 
 
