@@ -188,18 +188,19 @@ def tier(cgroup: str) -> int:
 
 
 # The sandbox's infra process: the pause image (registry.k8s.io/pause, also CRI-O's and
-# Docker's default) runs exactly argv ["/pause"] in a container of its own, and holds
-# ~0.3-1 MiB all its life.  Killing it tears down the pod's namespaces and frees nothing.
-# A pod's own process may call itself "/pause" (argv is its to choose), so the name
-# alone shelters nothing: only a process that also lives in a container cgroup of a pod
-# and holds no more than PAUSE_MAX_RSS counts, which is at most that much memory sheltered.
-PAUSE_ARGV = ("/pause",)
+# Docker's default) runs "/pause" (argv[0]; options such as -v may follow) in a container
+# of its own, and holds ~0.3-1 MiB all its life.  Killing it tears down the pod's
+# namespaces and frees nothing.  A pod's own process may call itself "/pause" (argv is
+# its to choose), so the name alone shelters nothing: only a process that also lives in
+# a container cgroup of a pod and holds no more than PAUSE_MAX_RSS counts, which bounds
+# what a look-alike can shelter to that much memory.
+PAUSE_ARGV0 = "/pause"
 PAUSE_MAX_RSS = 8 << 20
 
 
 def is_pause(cgroup: str, cmdline: tuple[str, ...], rss: int) -> bool:
     """True for a pod's sandbox (pause) process, by the rule above."""
-    if cmdline != PAUSE_ARGV or rss > PAUSE_MAX_RSS:
+    if not cmdline or cmdline[0] != PAUSE_ARGV0 or rss > PAUSE_MAX_RSS:
         return False
     pod = pod_of(cgroup)
     return pod is not None and pod.container != ""

@@ -118,8 +118,10 @@ def test_pause() -> None:
     assert not kube.is_pause(f"/kubepods.slice/kubepods-besteffort.slice/{BE}", ("/pause",),
                              1 << 20)
     assert not kube.is_pause(sandbox, ("/pause",), kube.PAUSE_MAX_RSS + 1)
-    assert not kube.is_pause(sandbox, ("/pause", "-v"), 1 << 20)
+    assert kube.is_pause(sandbox, ("/pause", "-v"), 1 << 20)
     assert not kube.is_pause(sandbox, ("pause",), 1 << 20)
+    assert not kube.is_pause(sandbox, ("/pause2",), 1 << 20)
+    assert not kube.is_pause(sandbox, (), 1 << 20)
 
 
 def test_describe() -> None:
