@@ -98,7 +98,9 @@ def configmap_toml() -> str:
 
 def candidate(pid: int, cgroup: str, *, oom_score: int, adj: int, rss_mib: int,
               name: str = "app") -> policy.Candidate:
-    return policy.Candidate(pid=pid, starttime=pid, name=name, cmdline=(name,), exe="",
+    # the pause image's process runs /pause (kube.is_pause)
+    argv0 = "/pause" if name == "pause" else name
+    return policy.Candidate(pid=pid, starttime=pid, name=name, cmdline=(argv0,), exe="",
                             uid=0, cgroup=cgroup, rss=rss_mib * MiB, swap=0,
                             oom_score=oom_score, oom_score_adj=adj)
 
@@ -162,8 +164,9 @@ def layouts(view: str) -> dict[str, list[policy.Candidate]]:
 def test_configmap_ranks_pods_as_kubernetes_would(view: str) -> None:
     cfg = config.apply(config.Config(), tomllib.loads(configmap_toml()), "configmap.yaml")
     groups = layouts(view)
+    assert cfg.pods  # the order is mreaper's own (kill.pods), not rules over paths
     ranked = policy.rank([c for cs in groups.values() for c in cs], cfg.rules,
-                         sort_by=cfg.sort_by, min_rss=cfg.min_rss)
+                         sort_by=cfg.sort_by, min_rss=cfg.min_rss, pods=cfg.pods)
     order = [r.candidate.pid for r in ranked if r.eligible]
     qos_of = {c.pid: qos for qos, cs in groups.items() for c in cs}
     classes = [qos_of[pid] for pid in order]
