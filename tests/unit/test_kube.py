@@ -1,6 +1,6 @@
 """kube.pod_of: kubelet's cgroup layouts (both drivers), as the host and as a cgroup
 namespace show them, and paths that look like them but are not (fixture paths: this
-machine runs no kubelet; tests/real/test_pods.py and tests/lab build real ones)."""
+machine runs no kubelet; tests/lab/test_pods.py has systemd build real ones)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """policy.rank with kill.pods: Kubernetes' QoS order before the score, the pause process
 never, and nothing changed where no process is in a pod.  Pure: candidate snapshots
-with kubelet's cgroup paths (this machine runs no kubelet; tests/real/test_pods.py
+with kubelet's cgroup paths (this machine runs no kubelet; tests/lab/test_pods.py
 ranks and kills real processes in look-alike cgroups)."""
 
 from __future__ import annotations

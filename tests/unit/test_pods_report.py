@@ -1,6 +1,6 @@
 """A victim in a pod is named by pod uid, QoS class and container id: the log line, the
 events line and the metrics (kill reports built by hand: what the kill sequence fills
-in is tested with real kills in tests/real/test_pods.py)."""
+in is tested with real kills in tests/lab/test_pods.py)."""
 
 from __future__ import annotations
 
