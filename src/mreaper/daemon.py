@@ -694,7 +694,8 @@ class Daemon:
             if c is None:
                 continue
             r = policy.rank([c], self.cfg.rules, sort_by=self.cfg.sort_by,
-                            min_rss=self.cfg.min_rss, scope_cgroup=scope.cgroup_path)[0]
+                            min_rss=self.cfg.min_rss, scope_cgroup=scope.cgroup_path,
+                            pods=self.cfg.pods)[0]
             if r.excluded is None:
                 return True
         return False
@@ -1215,7 +1216,7 @@ class Daemon:
             if now is None:
                 return None  # exiting (zombie, no mm): a signal to it harms no one
             again = policy.rank([now], self.cfg.rules, sort_by=self.cfg.sort_by,
-                                cgroup_preferences=prefs)[0]
+                                cgroup_preferences=prefs, pods=self.cfg.pods)[0]
             return again.excluded if again.must_live else None
         return protected
 
