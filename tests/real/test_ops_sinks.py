@@ -156,7 +156,8 @@ def test_events_round_trip_a_real_kill(real_report: KillReport, tmp_path: Path,
     assert [e["event"] for e in events] == ["episode", "episode", "kill", "episode"]
     kill = events[2]
     assert kill == json.loads(json.dumps({"event": "kill", "scope": "machine",
-                                          **real_report.to_dict()}))
+                                          **real_report.to_dict(), "pod_uid": None,
+                                          "qos": None, "container_id": None}))
     assert [e["event"] for e in read_events(str(path), since="1h")] == ["episode", "kill",
                                                                          "episode"]
     assert read_events(str(path), last=2) == events[2:]
