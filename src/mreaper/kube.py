@@ -33,6 +33,7 @@ which nothing is killed early).  The systemd driver names the class in every pod
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 
@@ -86,7 +87,30 @@ MAX_DEPTH = 4096   # PATH_MAX / 2: more ".." steps than a cgroup tree can have
 
 def pod_of(cgroup: str) -> Pod | None:
     """The pod of a process in cgroup v2 path `cgroup` (as /proc/<pid>/cgroup shows it,
-    also relative to a cgroup namespace), or None when it is in none.  Pure."""
+    also relative to a cgroup namespace), or None when it is in none.  Pure.
+
+    Cheap where it does not apply: a path that neither names kubepods nor starts with
+    ".." steps is no pod, at a substring test.  Every ranking asks again for every
+    process, and a node's processes share few cgroups: answers for paths of up to
+    CACHE_PATH chars are kept (at most CACHE_SIZE of them, so at most ~1 MiB whatever
+    cgroups users create)."""
+    if "kubepods" not in cgroup and not cgroup.startswith("/.."):
+        return None
+    if len(cgroup) <= CACHE_PATH:
+        return _pod_of_cached(cgroup)
+    return _pod_of(cgroup)
+
+
+CACHE_PATH = 512
+CACHE_SIZE = 2048
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _pod_of_cached(cgroup: str) -> Pod | None:
+    return _pod_of(cgroup)
+
+
+def _pod_of(cgroup: str) -> Pod | None:
     if not cgroup.startswith("/"):
         return None
     parts = cgroup[1:].split("/", MAX_DEPTH)

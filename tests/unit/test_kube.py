@@ -129,3 +129,15 @@ def test_describe() -> None:
     assert pod.describe() == f"pod {UID} (Burstable) container {CID[:12]}"
     assert Pod(QoS.BEST_EFFORT, UID, "").describe() == f"pod {UID} (BestEffort) (no container)"
     assert pod.to_dict() == {"pod_uid": UID, "qos": "Burstable", "container_id": CID}
+
+
+def test_cache_is_bounded() -> None:
+    """Answers are kept for short paths only, and at most CACHE_SIZE of them: a user who
+    creates many long cgroups named like kubelet's costs time, not unbounded memory."""
+    long_pod = f"/kubepods/pod{UID}/{CID}" + "/x" * kube.CACHE_PATH
+    before = kube._pod_of_cached.cache_info().currsize
+    assert kube.pod_of(long_pod) == Pod(QoS.GUARANTEED, UID, CID)
+    assert kube._pod_of_cached.cache_info().currsize == before  # not kept
+    for i in range(kube.CACHE_SIZE + 10):
+        kube.pod_of(f"/kubepods/pod{i:x}/{CID}")
+    assert kube._pod_of_cached.cache_info().currsize == kube.CACHE_SIZE
