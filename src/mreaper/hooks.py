@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from mreaper import kube
 from mreaper.linux import trust
 from mreaper.reap import KillReport, Victim
 from mreaper.report import Episode, Sample
@@ -35,7 +36,7 @@ POST_KILL = "post_kill"
 # Every variable a hook can see, and nothing else (docs/hooks.md).
 COMMON_VARS = ("PATH", "MREAPER_EVENT", "MREAPER_PID", "MREAPER_NAME", "MREAPER_UID",
                "MREAPER_CGROUP", "MREAPER_CMDLINE", "MREAPER_RSS", "MREAPER_REASON",
-               "MREAPER_SCOPE")
+               "MREAPER_SCOPE", "MREAPER_POD_UID", "MREAPER_QOS", "MREAPER_CONTAINER_ID")
 POST_VARS = ("MREAPER_FREED", "MREAPER_OUTCOME", "MREAPER_KILL_TO_FREE_MS")
 
 
@@ -77,9 +78,17 @@ def hook_env(event: str, *, pid: int, name: str, uid: int, cgroup: str,
         "MREAPER_RSS": str(rss),
         "MREAPER_REASON": reason,
         "MREAPER_SCOPE": scope,
+        # the victim's pod, from the same cgroup path; all "" outside pods
+        **{f"MREAPER_{k.upper()}": v for k, v in _pod_vars(cgroup).items()},
         **(extra or {}),
     }
     return {k: _clean(v) for k, v in env.items()}
+
+
+def _pod_vars(cgroup: str) -> dict[str, str]:
+    pod = kube.pod_of(cgroup)
+    return pod.to_dict() if pod is not None else {"pod_uid": "", "qos": "",
+                                                   "container_id": ""}
 
 
 _SCOPED_REASON = re.compile(r"^(.+?) (?:warn|term|kill): ")

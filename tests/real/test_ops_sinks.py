@@ -276,7 +276,8 @@ def test_pre_and_post_kill_hooks_get_exactly_the_documented_environment(
         b"MREAPER_PID": str(p.pid).encode(), b"MREAPER_NAME": b"sleep",
         b"MREAPER_UID": str(os.getuid()).encode(), b"MREAPER_CGROUP": expected_cgroup,
         b"MREAPER_CMDLINE": b"sleep 1000", b"MREAPER_RSS": str(report.holdings.vm_rss).encode(),
-        b"MREAPER_REASON": REASON.encode(), b"MREAPER_SCOPE": b"machine"}
+        b"MREAPER_REASON": REASON.encode(), b"MREAPER_SCOPE": b"machine",
+        b"MREAPER_POD_UID": b"", b"MREAPER_QOS": b"", b"MREAPER_CONTAINER_ID": b""}
     # close_fds: stdin, stdout, stderr and the directory being listed, nothing of ours
     assert Path(f"{pre}.fds").read_text().split() == ["0", "1", "2", "3"]
     assert report.exited

@@ -65,3 +65,16 @@ def test_metrics_count_pod_kills_by_class(tmp_path: Path) -> None:
     sink.close()
     assert 'mreaper_pod_kills_total{qos="BestEffort"} 1.0' in text
     assert UID not in text  # no label per pod
+
+
+def test_hook_environment_names_pod() -> None:
+    from mreaper import hooks
+
+    env = hooks.report_env(report(POD_CGROUP), "machine")
+    assert (env["MREAPER_POD_UID"], env["MREAPER_QOS"], env["MREAPER_CONTAINER_ID"]) == \
+        (UID, "BestEffort", CID)
+    env = hooks.hook_env(hooks.PRE_KILL, pid=1, name="x", uid=0, cgroup="/system.slice/x",
+                         cmdline=("x",), rss=1, reason="r", scope="machine")
+    assert (env["MREAPER_POD_UID"], env["MREAPER_QOS"], env["MREAPER_CONTAINER_ID"]) == \
+        ("", "", "")
+    assert tuple(env) == hooks.COMMON_VARS
