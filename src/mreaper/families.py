@@ -173,14 +173,20 @@ def choose(families: Sequence[Family], ranked: Sequence[policy.Ranked],
     def growers(f: Family) -> int:
         return sum(1 for r in f.members if growth.get(_key(r), 0) > 0)
 
-    eligible = [f for f in families if f.eligible and growers(f) >= MIN_MEMBERS]
+    # Kubernetes' QoS order (policy.Ranked.tier, kill.pods) holds for families too: one
+    # is killed whole only in the first tier that has an eligible process (a family is
+    # in the tier of its most sheltered member), and is measured against that tier's
+    # processes.  Without pods every process is in one tier: no change.
+    first_tier = min((r.tier for r in ranked if r.eligible), default=None)
+    eligible = [f for f in families if f.eligible and growers(f) >= MIN_MEMBERS
+                and (first_tier is None or max(r.tier for r in f.members) <= first_tier)]
     if not eligible:
         return None, "no family with two or more growing members may be killed whole"
     best_value = max(f.value for f in eligible)
     near = [f for f in eligible if f.value >= best_value * CLOSE]
     family = min(near, key=lambda f: (len(f.members), -f.value, f.label))
     singles = [(value_of(r.candidate.frees, growth.get(_key(r), 0), weight), r)
-               for r in ranked if r.eligible]
+               for r in ranked if r.eligible and r.tier == first_tier]
     top = max(singles, key=lambda s: s[0], default=None)
     # Without its biggest member the family must still outrank every single process: a
     # family that holds a leak is not a family of allocators (its leak dies alone).

@@ -138,3 +138,39 @@ def test_config_key() -> None:
     with pytest.raises(config.ConfigError, match=r"kill\.pods = 'no'.*true or false"):
         config.apply(config.Config(), {"kill": {"pods": "no"}}, "t.toml")
     assert "pods = false" in config.to_toml(config.Config(pods=False))
+
+
+def test_families_keep_kubernetes_order() -> None:
+    """A growing family in a Guaranteed container (30 compilers) is not killed whole
+    while a BestEffort container is eligible; the same family in a BestEffort container
+    is, measured against BestEffort processes only."""
+    from mreaper import families
+
+    def fam(qos: str) -> list[Candidate]:
+        cg = sd(qos, "7")
+        out = [Candidate(pid=100, starttime=1000, name="make", cmdline=("make",), exe="",
+                         uid=0, cgroup=cg, rss=4 * MiB, swap=0, oom_score=4,
+                         oom_score_adj=0, ppid=1, pgrp=100, session=50)]
+        out += [Candidate(pid=101 + i, starttime=1010 + i, name="cc1", cmdline=("cc1",),
+                          exe="", uid=0, cgroup=cg, rss=8 * MiB, swap=0, oom_score=8,
+                          oom_score_adj=0, ppid=100, pgrp=100, session=50)
+                for i in range(30)]
+        return out
+
+    small_be = cand(10, sd("besteffort", "8"), rss_mib=20, oom_score=20)
+    big_guaranteed = cand(11, sd("guaranteed", "9"), rss_mib=900, oom_score=900)
+    for qos, others, want in (("guaranteed", [small_be], False),
+                              ("besteffort", [small_be, big_guaranteed], True)):
+        cands = fam(qos) + others
+        ranked = policy.rank(cands, [])
+        growth = {(c.pid, c.starttime): c.rss for c in cands if c.name == "cc1"}
+        found = families.group(ranked, growth, weight=1.0)
+        family, why = families.choose(found, ranked, growth, weight=1.0)
+        assert (family is not None) is want, (qos, why)
+    # without pods the Guaranteed family outranks the small BestEffort process
+    cands = [*fam("guaranteed"), small_be]
+    ranked = policy.rank(cands, [], pods=False)
+    growth = {(c.pid, c.starttime): c.rss for c in cands if c.name == "cc1"}
+    family, why = families.choose(families.group(ranked, growth, weight=1.0), ranked,
+                                  growth, weight=1.0)
+    assert family is not None, why
