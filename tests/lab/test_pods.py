@@ -249,7 +249,11 @@ def test_explain_shows_pods_and_classes(pods_on: dict[str, Any]) -> None:
 def test_squeeze_kills_in_kubernetes_order(pods_on: dict[str, Any]) -> None:
     r = pods_on
     killed = victims(r)
-    print("kill order with kill.pods:", killed)
+    print("kill order with kill.pods:", killed, "kill-to-free ms:",
+          [round(e["kill_to_free_s"] * 1000, 1) if e["kill_to_free_s"] is not None else None
+           for e in r["events"] if e["event"] == "kill"],
+          "signals:", [[x["name"] for x in e["signals"]] for e in r["events"]
+                       if e["event"] == "kill"])
     assert killed, _show(r)
     assert killed[0].startswith("besteffort-c"), killed
     # every BestEffort and Burstable container before any Guaranteed one or anything else
