@@ -60,14 +60,27 @@ NOHANG_CONFIG = "/etc/nohang/nohang.conf"
 DAEMONS = ("mreaper", "earlyoom", "nohang")
 
 
+# --near MIB: every memory level of mreaper and earlyoom at MemAvailable - MIB, as
+# measured at the start (the levels "a few hundred MiB away": both poll faster there).
+NEAR_KIB: list[int] = []
+
+
 def idle_command(name: str) -> tuple[list[str], dict[str, str] | None, str]:
     """(argv, environment, how to type it) of one daemon on its default settings."""
     if name == "mreaper":
         m = mreaper_under_test()
         argv = [*m.prefix, "run", "--config", empty_config(), "--dry-run"]
+        if NEAR_KIB:
+            lvl = f"{NEAR_KIB[0]}K"
+            argv += ["--memory-warn", lvl, "--memory-term", lvl, "--memory-kill", lvl]
+            return argv, m.env(), ("mreaper run --config <empty file> --dry-run --memory-warn "
+                                   "L --memory-term L --memory-kill L")
         return argv, m.env(), "mreaper run --config <empty file> --dry-run"
     if name == "earlyoom":
         argv = ["earlyoom", "-r", "3600", "--dryrun"]
+        if NEAR_KIB:
+            argv += ["-M", f"{NEAR_KIB[0]},{NEAR_KIB[0]}"]
+            return argv, None, "earlyoom -r 3600 --dryrun -M L,L"
         return argv, None, " ".join(argv)
     if name == "nohang":
         argv = ["nohang", "--monitor", "--config", NOHANG_CONFIG]
@@ -336,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=120.0, help="measured window (default 120)")
     p.add_argument("--daemons", default=",".join(DAEMONS))
     p.add_argument("--quick", action="store_true", help="20 s window, output under results/tmp/")
+    p.add_argument("--near", type=int, metavar="MIB",
+                   help="levels MIB under MemAvailable (mreaper and earlyoom only)")
     p.add_argument("--out", help="output directory (default bench/results/<date>-<host>/)")
     add_mreaper_args(p)
     args = p.parse_args(argv)
@@ -350,9 +365,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in problems:
             print(f"footprint: {problem}", file=sys.stderr)
         return 1
+    if args.near is not None:
+        if "nohang" in names:
+            p.error("--near: mreaper and earlyoom only (nohang's levels live in its file)")
+        with open("/proc/meminfo") as f:
+            avail = next(int(x.split()[1]) for x in f if x.startswith("MemAvailable:"))
+        NEAR_KIB.append(avail - args.near * 1024)
     end_cleanly_on_signals()
     choose_mreaper(args)
     env = environment()
+    if NEAR_KIB:
+        env["near_level_kib"] = NEAR_KIB[0]
     results = measure_idle(names, seconds)
     with open("/proc/loadavg") as f:
         env["loadavg_at_end"] = " ".join(f.read().split()[:3])

@@ -9,11 +9,10 @@ import os
 import select
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from mreaper import __version__, cli_status, config, install_files, instance
-from mreaper.cli_history import add_history_parser, cmd_history
+from mreaper import __version__, config, instance
 from mreaper.cliargs import (
     ascii_integer,
     seconds_between,
@@ -51,6 +50,9 @@ def _pid(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mreaper import cli_status, install_files
+    from mreaper.cli_history import add_history_parser
+
     p = argparse.ArgumentParser(prog="mreaper", description=__doc__)
     p.add_argument("--version", action="version", version=f"mreaper {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -77,13 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "families as the daemon would rank them (default: one look, "
                                 "no growth)")
         if name == "run":
-            c.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
-            c.add_argument("--lock-file", metavar="PATH",
-                           help="the single-instance lock (default $MREAPER_LOCK_FILE, else "
-                                f"{instance.DEFAULT} as root)")
-            c.add_argument("--allow-second-instance", action="store_true",
-                           help="run even while another mreaper holds the lock (two killers "
-                                "act twice on one shortage)")
+            _add_run_flags(c)
 
     add_history_parser(sub)
     cli_status.add_status_parsers(sub)
@@ -93,6 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=signed_integer, default=256, metavar="MIB",
                    help="memory the hog allocates, in MiB (default 256)")
     d.add_argument("--json", action="store_true", help="print both kill reports as JSON")
+    return p
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
+    p.add_argument("--lock-file", metavar="PATH",
+                   help="the single-instance lock (default $MREAPER_LOCK_FILE, else "
+                        f"{instance.DEFAULT} as root)")
+    p.add_argument("--allow-second-instance", action="store_true",
+                   help="run even while another mreaper holds the lock (two killers "
+                        "act twice on one shortage)")
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    """`mreaper run` alone: the same flags as its subcommand in build_parser(), without
+    loading what only the other commands need (status client, history, demo)."""
+    p = argparse.ArgumentParser(prog="mreaper run", description="run the daemon")
+    _add_config_flags(p)
+    _add_run_flags(p)
     return p
 
 
@@ -399,10 +414,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    commands = {"kill": cmd_kill, "run": cmd_run, "config": cmd_config, "explain": cmd_explain,
-                "history": cmd_history, "install-files": install_files.cmd_install_files}
-    commands.update(cli_status.COMMANDS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args: argparse.Namespace | None = None
+    if argv[:1] == ["run"]:
+        # The daemon stays resident for months: it loads only what it runs.  Arguments
+        # `run` does not know go to the full parser below, for its usual message.
+        parsed, rest = build_run_parser().parse_known_args(argv[1:])
+        if not rest:
+            parsed.command = "run"
+            args = parsed
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {"run": cmd_run}
+    if args is None:
+        from mreaper import cli_status, install_files
+        from mreaper.cli_history import cmd_history
+
+        args = build_parser().parse_args(argv)
+        commands.update({"kill": cmd_kill, "config": cmd_config, "explain": cmd_explain,
+                         "history": cmd_history,
+                         "install-files": install_files.cmd_install_files})
+        commands.update(cli_status.COMMANDS)
     if args.command in commands:
         try:
             return commands[args.command](args)

@@ -10,8 +10,10 @@ approaches a level.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import resource
@@ -30,7 +32,14 @@ from mreaper import status as status_mod
 from mreaper.config import Config
 from mreaper.detect import PSI_RECHECK, Severity, Verdict
 from mreaper.linux import cgroup, procfs
-from mreaper.linux.syscalls import LinuxSyscalls, Syscalls, lock_memory, probe_support
+from mreaper.linux.syscalls import (
+    LinuxSyscalls,
+    Syscalls,
+    lock_memory,
+    one_malloc_arena,
+    probe_support,
+)
+from mreaper.proctable import IncrementalRanking, ProcTable
 from mreaper.reap import (
     STOP_EXIT_WAIT,
     Escalation,
@@ -48,7 +57,7 @@ from mreaper.reap import (
     pin_cgroup,
     send_sigkill,
 )
-from mreaper.report import Episode, LogSink, Sink
+from mreaper.report import Episode, Fanout, LogSink, Sink
 from mreaper.scope import (
     MACHINE,
     CgroupScope,
@@ -70,7 +79,11 @@ SAMPLE_EVERY = 1.0  # seconds between samples handed to the sinks (gauges)
 OWN_HIGH_MARGIN = 16 << 20  # lift our own cgroup's memory.high when this close to it
 MIN_GRACE = 1.0      # a SIGTERM grace shorter than this helps no victim: SIGKILL instead
 PARK_FOR = 2.0       # seconds at most the background scan parks for a dying victim
-SCAN_DUTY = 0.25     # at most this share of a CPU for the scan under pressure
+SCAN_DUTY = 0.05     # at most this share of a CPU for the scan under pressure
+STATUS_WAIT = 2.0    # seconds a status client waits for a ranking made for it
+NEAR_ROOM = 128 << 20  # start keeping the ranking this close to a scope's first level
+NEAR_SECONDS = 10.0    # ... or when the fall rate would reach it within this
+OWN_CHECK_EVERY = 60.0  # seconds between reads of our own cgroup's memory.high while far
 FRESH_MAX = 4096     # family members measured again on the kill path, at most
 IDLE_FIRST = 0.05    # first wait before looking again for a victim when none may die
 NEW_PIDS_MAX = 4096  # more new PIDs than this since the last look: just look again
@@ -145,6 +158,7 @@ def protect_self(cfg: Config) -> list[str]:
     what could not be done (the daemon still runs, and says so)."""
     problems = []
     if cfg.mlockall:
+        one_malloc_arena()  # before any thread: no per-thread arena to lock
         try:
             log.info("memory locked (%s)", lock_memory())
         except OSError as e:
@@ -254,32 +268,84 @@ class _ScanStopped(Exception):
     """The daemon stops: the background scan ends where it stands."""
 
 
+@dataclasses.dataclass
+class _Keeper:
+    """A process table and the ranking kept over it: changed by one thread at a time."""
+
+    table: ProcTable
+    ranking: IncrementalRanking
+    preferences_read: dict[str, str | None] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Published:
+    """What the loop and the status server read: never changed once published."""
+
+    at: float
+    candidates: list[policy.Candidate]
+    preferences: dict[str, str]
+    ranked: list[policy.Ranked]
+    pids: frozenset[int]   # every PID listed at that refresh: the rest is new
+    last_pid: int | None   # the last PID allocated before that listing
+    keeper: _Keeper
+
+
 class CandidateCache:
-    """Scans /proc and ranks in a background thread, so a ranked list is ready the
-    moment a level is crossed: event-to-SIGKILL time does not grow with the number of
-    processes.  Calm: every scan_interval; at or above warn: ten times as often."""
+    """The process table and its ranking, kept by a background thread ONLY while a
+    scope nears a level (`set_urgent`): calm, the thread sleeps without a timeout and
+    reads nothing.  The table is filled once at start-up (static facts: name, cmdline,
+    exe, cgroup, uid, identity), so that when memory nears a level, bringing it up to
+    date costs two small reads per process (statm, oom_score) instead of a full scan:
+    a ranked list is ready by the time a level is crossed, and event-to-SIGKILL time
+    does not grow with the number of processes.  Under pressure it refreshes every
+    scan_interval / 10, but never more than SCAN_DUTY of a CPU."""
 
     def __init__(self, cfg: Config, unified: str, proc: str = procfs.PROC) -> None:
-        self.cfg = cfg
+        self._cfg = cfg
         self.unified = unified
         self.proc = proc
-        self._snapshot: tuple[float, list[policy.Candidate], dict[str, str],
-                              list[policy.Ranked]] = (0.0, [], {}, [])
+        self._keeper = self._new_keeper()
+        self._published: _Published | None = None
         self._urgent = False
+        self._asked = False     # someone (status) wants a ranking now
         self._wake = threading.Event()
+        self._published_event = threading.Event()
         self._stop = False
-        self._lock = threading.Lock()
-        self._pids: set[int] = set()  # every pid /proc listed at the last scan
-        # (pid, starttime) -> RSS at the last scan taken while calm, or else at the first
-        # scan that saw the process: what growth in a pressure episode is measured from
-        # (families.py).  A process born big and idle since (arena `many`) has not grown.
+        self._lock = threading.Lock()       # the swap of what is published
+        self._mutating = threading.Lock()   # the current keeper's table is being refreshed
+        # (pid, starttime) -> RSS at the last refresh before the pressure episode (no
+        # scope at warn yet: the one near a level is, or the start-up fill), or else at
+        # the first refresh that saw the process: what growth in the episode is
+        # measured from (families.py).  A process born big and idle since has not grown.
         self.calm: dict[tuple[int, int], int] = {}
+        self._episode = False  # a scope is at warn or above: the calm sizes stay
         self._thread = threading.Thread(target=self._loop, name="mreaper-scan", daemon=True)
         self._warned: set[str] = set()
         self._clear = threading.Event()  # set: the scan may run; cleared: it parks
         self._clear.set()
         self._holding = False
         self._parked = False
+        self.refreshes = 0  # how many refreshes ran (tests count them: none while calm)
+
+    def _new_keeper(self) -> _Keeper:
+        cfg = self._cfg
+        return _Keeper(ProcTable(self.proc), IncrementalRanking(
+            cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss, pods=cfg.pods))
+
+    @property
+    def cfg(self) -> Config:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: Config) -> None:
+        """A reload: rules may have changed, so every entry is judged again (the table,
+        facts only, is kept)."""
+        self._cfg = cfg
+        keeper = self._keeper
+        ranking = IncrementalRanking(cfg.rules, sort_by=cfg.sort_by, min_rss=cfg.min_rss,
+                                     cgroup_preferences=keeper.ranking.preferences,
+                                     pods=cfg.pods)
+        self._keeper = _Keeper(keeper.table, ranking, keeper.preferences_read)
 
     def start(self) -> None:
         self._thread.start()
@@ -289,6 +355,10 @@ class CandidateCache:
         self._wake.set()
         self._clear.set()  # a scan parked for a dying victim must not hold the stop (5 s)
         self._thread.join(timeout=5)
+
+    def set_episode(self, episode: bool) -> None:
+        """A scope is at warn or above: growth is measured from the sizes of before."""
+        self._episode = episode
 
     def set_urgent(self, urgent: bool) -> None:
         if urgent and not self._urgent:
@@ -320,9 +390,11 @@ class CandidateCache:
         self._update()
 
     def _update(self) -> None:
+        # The loop calls park() on every look: the Event's lock only on a change.
         if self._holding or self._parked:
-            self._clear.clear()
-        else:
+            if self._clear.is_set():
+                self._clear.clear()
+        elif not self._clear.is_set():
             self._clear.set()
 
     def _wait_clear(self) -> None:
@@ -330,67 +402,132 @@ class CandidateCache:
         if self._stop:
             raise _ScanStopped
 
+    def suspect(self, pid: int) -> None:
+        """The ranking named a process that is not there any more under that identity:
+        read it again whole at the next refresh."""
+        self._keeper.table.suspect(pid)
+
     def refresh(self, between: Callable[[], None] | None = None) -> None:
-        """Scan and rank now.  The loop and the scan thread may both ask: the scan
-        itself runs unlocked (the loop must never wait behind a parked scan), only the
-        swap of the result is locked."""
-        pids = set(procfs.list_pids(self.proc))
-        # Private memory (what a kill frees) only under pressure: smaps_rollup walks
-        # page tables, ~6 ms per GiB resident.
-        candidates, warnings = policy.scan(self.proc, between=between, private=self._urgent)
-        for w in warnings:
+        """Bring the table and the ranking up to date now.  The loop and the scan thread
+        may both ask, and the loop must never wait behind a parked scan: whoever finds
+        the table busy builds a fresh one of its own (a full scan) and publishes that."""
+        if self._mutating.acquire(blocking=False):
+            try:
+                self._refresh(self._keeper, between, fresh=False)
+            finally:
+                self._mutating.release()
+        else:
+            self._refresh(self._new_keeper(), None, fresh=True)
+
+    def _refresh(self, keeper: _Keeper, between: Callable[[], None] | None, *,
+                 fresh: bool) -> None:
+        self.refreshes += 1
+        done = keeper.table.refresh(between=between)
+        for w in done.warnings:
             if w not in self._warned:
                 self._warned.add(w)
                 log.warning("scan: %s", w)
-        prefs = preferences(candidates, self.unified)
-        ranked = policy.rank(candidates, self.cfg.rules, sort_by=self.cfg.sort_by,
-                             min_rss=self.cfg.min_rss, cgroup_preferences=prefs,
-                             pods=self.cfg.pods)
+        touched = set(done.added) | set(done.changed)
+        if touched and self.unified:
+            # systemd's ManagedOOMPreference= xattrs: read once per cgroup path.
+            cache = keeper.preferences_read
+
+            def read(path: str) -> str | None:
+                if path not in cache:
+                    cache[path] = cgroup.oomd_preference(path)
+                return cache[path]
+
+            found = preferences([keeper.table.entries[p].candidate for p in touched
+                                 if p in keeper.table.entries], self.unified, read=read)
+            if found.items() - keeper.ranking.preferences.items():
+                keeper.ranking.set_preferences({**keeper.ranking.preferences, **found})
+        if self._urgent:
+            # What a kill frees, for forked children (policy._with_private's rule), only
+            # near a level: smaps_rollup walks page tables, ~6 ms per GiB resident.
+            keeper.table.read_private(between=between)
+        ranked = keeper.ranking.update(keeper.table, between=between)
+        if between is not None:
+            between()  # and not in the middle of a decision for what follows either
+        candidates = keeper.table.candidates()
+        published = _Published(time.monotonic(), candidates, keeper.ranking.preferences,
+                               ranked, keeper.table.listed, keeper.table.last_pid, keeper)
+        sizes = {(c.pid, c.starttime): c.rss for c in candidates}
         with self._lock:
-            self._snapshot = (time.monotonic(), candidates, prefs, ranked)
-            self._pids = pids
-            sizes = {(c.pid, c.starttime): c.rss for c in candidates}
-            if self._urgent:
+            if fresh:
+                self._keeper = keeper
+            elif self._keeper is not keeper:
+                return  # a fresh table was published meanwhile: this one is orphaned
+            self._published = published
+            if self._episode:
                 self.calm = {k: self.calm.get(k, rss) for k, rss in sizes.items()}
             else:
                 self.calm = sizes
+        self._published_event.set()
 
-    def peek(self) -> list[policy.Ranked]:
-        """The cached machine-wide ranking as it is (no scan)."""
-        return self._snapshot[3]
+    def peek(self, build: bool = False) -> list[policy.Ranked]:
+        """The machine-wide ranking as it is (no scan); with `build`, when there is
+        none, or it is older than scan_interval while calm (not kept fresh), ask the
+        scan thread for a refresh and wait for it a little: a status client asked, the
+        only time a ranking is made for nobody's decision."""
+        published = self._published
+        stale = published is None or (not self._urgent and time.monotonic() - published.at
+                                      > self.cfg.scan_interval)
+        if build and stale and self._thread.is_alive():
+            self._published_event.clear()
+            self._asked = True
+            self._wake.set()
+            self._published_event.wait(STATUS_WAIT)
+            published = self._published
+        return published.ranked if published is not None else []
+
+    @property
+    def table(self) -> ProcTable | None:
+        """The process table behind the published ranking (None before the first
+        refresh), for readers that need more than the ranking (families, growth).  Only
+        the scan thread changes it: read its entries, do not iterate them while a
+        refresh may run (copy with list(table.entries.values()) first)."""
+        published = self._published
+        return published.keeper.table if published is not None else None
 
     def get(self) -> tuple[list[policy.Candidate], dict[str, str], list[policy.Ranked], float]:
         """Candidates, cgroup preferences and the machine-wide ranking, for a decision
-        now; and the age of the scan behind them.
+        now; and the age of the refresh behind them.
 
         Never a full rescan on the kill path while a ranking exists (at 10,000
-        processes that is over a second): stale entries are harmless, since victims are
-        pinned by pid and start time and ranked again alone before any signal.  But a
-        process started since the scan (very often the leak itself) must not be missed:
-        the pids listed now that the scan did not see are looked at and ranked in."""
-        at, candidates, prefs, ranked = self._snapshot
-        if not candidates:
+        processes that is over half a second): stale entries are harmless, since
+        victims are pinned by pid and start time and ranked again alone before any
+        signal.  But a process started since the refresh (very often the leak itself)
+        must not be missed: the pids listed now that the table did not hold are read,
+        judged alone and put in their place (policy.rank_key)."""
+        published = self._published
+        if published is None:
             self.refresh()
-            at, candidates, prefs, ranked = self._snapshot
-            return candidates, prefs, ranked, time.monotonic() - at
-        new = set(procfs.list_pids(self.proc)) - self._pids
-        added = []
-        for pid in new:
-            try:
-                c = policy.snapshot(pid, self.proc)
-            except (procfs.ProcessGone, procfs.ParseError, OSError):
-                continue
-            if c is not None:
-                added.append(c)
-        if added:
+            published = self._published
+            assert published is not None
+            return (published.candidates, published.preferences, published.ranked,
+                    time.monotonic() - published.at)
+        keeper = published.keeper
+        new = keeper.table.read_new(known=published.pids, since=published.last_pid)
+        candidates, ranked = published.candidates, published.ranked
+        if new:
+            added = [e.candidate for e in new]
             candidates = candidates + added
-            ranked = policy.rank(candidates, self.cfg.rules, sort_by=self.cfg.sort_by,
-                                 min_rss=self.cfg.min_rss, cgroup_preferences=prefs,
-                                 pods=self.cfg.pods)
-        return candidates, prefs, ranked, time.monotonic() - at
+            ranked = list(ranked)
+            for r in keeper.ranking.judge(added):
+                bisect.insort(ranked, r, key=policy.rank_key)
+        return candidates, published.preferences, ranked, time.monotonic() - published.at
 
     def _loop(self) -> None:
+        # Start-up: the static facts of every process, once, so that nearing a level
+        # later costs a cheap refresh, not a full scan.  Then nothing until asked.
+        first = True
         while not self._stop:
+            if not (first or self._urgent or self._asked):
+                self._wake.wait()  # calm: no timeout, no wake-up
+                self._wake.clear()
+                continue
+            first = False
+            self._asked = False
             started = time.thread_time()  # CPU time: a scan parked for a kill costs none
             try:
                 self.refresh(between=self._wait_clear)
@@ -399,11 +536,11 @@ class CandidateCache:
             except Exception:  # the scan must never kill the daemon
                 log.exception("background scan failed")
             took = time.thread_time() - started
+            if not self._urgent:
+                continue
             # Under pressure ten times as often, but never more than SCAN_DUTY of a CPU:
-            # the CPU is what the victims need to exit (10,000 processes take ~0.2 s).
-            interval = (max(self.cfg.scan_interval / 10, took / SCAN_DUTY) if self._urgent
-                        else self.cfg.scan_interval)
-            self._wake.wait(interval)
+            # the CPU is what the victims need to exit.
+            self._wake.wait(max(self.cfg.scan_interval / 10, took / SCAN_DUTY))
             self._wake.clear()
 
 
@@ -414,7 +551,7 @@ class Daemon:
     """The only object that knows every stage."""
 
     def __init__(self, cfg: Config, *, reload: Callable[[], Config] | None = None,
-                 meminfo: Callable[[], procfs.MemInfo] = procfs.read_meminfo,
+                 meminfo: Callable[[], procfs.MemInfo] | None = None,
                  sink: Sink | None = None,
                  before_kill: Callable[[Victim, str], None] | None = None,
                  syscalls: Syscalls | None = None,
@@ -424,9 +561,12 @@ class Daemon:
         that fails on demand, a mounts file without cgroup2, a missing PSI file."""
         self.cfg = cfg
         self._reload = reload
-        self.meminfo = meminfo
+        # Default: /proc/meminfo through a descriptor kept open (opened in run()).
+        self.meminfo: Callable[[], procfs.MemInfo] | None = meminfo
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signals: list[int] = []
+        self._poll_set: tuple[tuple[tuple[int, ...], ...], select.poll,
+                              dict[int, Scope]] | None = None
         self._stop = False
         self._stop_reason = "mreaper stopping"
         self.kills: list[KillReport] = []
@@ -438,7 +578,13 @@ class Daemon:
         self._previous_sizes: dict[str, dict[str, int]] = {}
         self._own_pressure: str | None = None
         self._own_dir: str | None = None
+        self._own_next = 0.0                     # next read of our own cgroup's memory.high
+        self._own_peak_limit = 0.0               # ... or as soon as our peak RSS passes this
+        self.own_checks = 0                      # how many times it was read (tests)
         self.sink: Sink = sink if sink is not None else LogSink()
+        # Gauges only for a sink that records them (metrics): LogSink, events and hooks
+        # do nothing with a sample.
+        self._wants_samples = wants_samples(self.sink)
         self._before_kill = before_kill
         # (pid, starttime) of processes we SIGKILLed that have not been seen to exit: a
         # victim stuck in D state keeps its place in /proc (and its oom_score) but must
@@ -452,6 +598,7 @@ class Daemon:
         self._idle: dict[str, _Idle] = {}  # scopes where no process may be killed now
         self._passed_over: Counter[str] = Counter()  # why, at the last search
         self._forbidden: set[tuple[int, int]] = set()  # EPERM already logged for these
+        self._notified = ""  # the last STATUS= sent
 
     # -- signals: recorded by the handler, handled in the loop
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -494,6 +641,8 @@ class Daemon:
             self._mounts = None
             self._unified = ""
         self._own_pressure = self._own_cgroup_check()
+        if self.meminfo is None:
+            self.meminfo = procfs.MemInfoReader()
         machine = MachineScope(cfg, self.meminfo, self._unified, self._pressure_path,
                                self._own_pressure)
         self.scopes[MACHINE] = machine
@@ -506,6 +655,15 @@ class Daemon:
         log.info("running%s: %s", " (dry run)" if cfg.dry_run else "", describe(cfg))
         server = status_mod.serve(cfg.status_socket, self.status)
         self.notify.ready("running")
+        # Start-up is over: what exists now lives as long as the daemon.  Out of the
+        # collector's sight, it is never traversed again by a collection (and never
+        # written to by one: its pages stay clean, shared with nothing, and cheap).
+        gc.collect()
+        gc.freeze()
+        # A thread that wants the GIL waits up to this for the one holding it to let go
+        # (default 5 ms).  Under pressure the loop must not wait that long behind the
+        # scan thread at each of the dozen reads of a decision; calm, nothing contends.
+        sys.setswitchinterval(0.0005)
         try:
             self._loop(pool, cache)
         finally:
@@ -553,30 +711,49 @@ class Daemon:
         pressure = os.path.join(path, "memory.pressure")
         return pressure if os.path.exists(pressure) else None
 
-    def _lift_own_high(self) -> None:
+    def _watch_own_high(self, now: float) -> None:
+        """Read our own cgroup's memory.high and charge only when they may be near:
+        every OWN_CHECK_EVERY seconds (an administrator may set a limit at any time),
+        and as soon as our own peak RSS (getrusage: one system call, no file) has grown
+        by half the room the last reading left.  Calm, the daemon's RSS does not move,
+        so neither file is read on a look."""
+        if self._own_dir is None:
+            return
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if now < self._own_next and peak < self._own_peak_limit:
+            return
+        room = self._lift_own_high()
+        self._own_next = now + OWN_CHECK_EVERY
+        self._own_peak_limit = (peak + max(room - OWN_HIGH_MARGIN, 0) // 2
+                                if room is not None else float("inf"))
+        self.own_checks += 1
+
+    def _lift_own_high(self) -> int | None:
         """A killer throttled by memory.high on its own cgroup cannot act: each page it
         charges over the limit puts it to sleep (up to 2 s), while the machine runs
         out (seen in the lab VM: the kernel OOM killer fired first).  When that cgroup
         holds nothing but mreaper and its charge nears memory.high, lift the limit and
-        say so loudly.  A shared cgroup is left alone: its limit is not ours to lift."""
+        say so loudly.  A shared cgroup is left alone: its limit is not ours to lift.
+        Returns the room left under memory.high (None: no limit, or no figure)."""
         if self._own_dir is None:
-            return
+            return None
         try:
             state = cgroup.read_memory_state(self._own_dir)
             if state.high is None or state.current is None:
-                return
+                return None
             if state.high - state.current > OWN_HIGH_MARGIN:
-                return
+                return state.high - state.current
             if cgroup.read_procs(self._own_dir, recursive=True) != [os.getpid()]:
-                return
+                return state.high - state.current
             with open(os.path.join(self._own_dir, "memory.high"), "w") as f:
                 f.write("max")
         except (cgroup.CgroupGone, ValueError, OSError) as e:
             log.debug("own memory.high not lifted: %s", e)
-            return
+            return None
         log.warning("self-protection: lifted memory.high %s of mreaper's own cgroup %s (charge "
                     "%s): a throttled low-memory killer cannot act in time",
                     fmt_bytes(state.high), self._own_dir, fmt_bytes(state.current))
+        return None
 
     def _resolve(self, now: float) -> None:
         """Match the [[scope]] patterns against the cgroup tree: add new cgroups, drop
@@ -611,16 +788,25 @@ class Daemon:
             urgent = False
             for scope in list(self.scopes.values()):
                 urgent |= self._tend(scope, now, pool, cache)
+            cache.set_episode(any(sc.last is not None and sc.last.verdict.severity >= Severity.WARN
+                                  for sc in self.scopes.values()))
             cache.set_urgent(urgent)
             cache.park(any(self._dying(scope, now) for scope in self.scopes.values()))
-            if now - self._sampled_at >= SAMPLE_EVERY:  # gauges: not on every look
+            # Calm, a look is all there is: gauges only for a sink that records them,
+            # a summary only for a notify socket, our own cgroup only when near its limit.
+            if now - self._sampled_at >= SAMPLE_EVERY and (self._wants_samples
+                                                           or self.notify.enabled):
                 self._sampled_at = now
-                for scope in self.scopes.values():
-                    if scope.last is not None:
-                        self.sink.sample(scope.sample())
+                if self._wants_samples:
+                    for scope in self.scopes.values():
+                        if scope.last is not None:
+                            self.sink.sample(scope.sample())
                 if self.notify.enabled:  # the summary costs a status() for nothing else
-                    self.notify.status(status_mod.summary(self.status(top=1)))
-                self._lift_own_high()
+                    text = status_mod.summary(self.status(top=1, ranking=False))
+                    if text != self._notified:  # STATUS= only when it reads differently
+                        self._notified = text
+                        self.notify.status(text)
+            self._watch_own_high(now)
             self.notify.watchdog_due(now)
             self._wait(min(self._timeout(scope) for scope in self.scopes.values()))
             self._handle_signals(cache)
@@ -649,8 +835,11 @@ class Daemon:
                 and self._worth_a_search(scope, verdict.severity, now)):
             with cache.hold():
                 self._act(scope, verdict, now, pool, cache)
-        # Backed off (nothing may be killed): the background scan need not hurry either.
-        return verdict.severity >= Severity.WARN and scope.name not in self._idle
+        # Near a level (or falling towards it fast), the ranking is kept fresh: it must
+        # be ready when the level is crossed; farther, nothing is scanned.  Backed off
+        # (nothing may be killed): the background scan need not hurry either.
+        return ((verdict.severity >= Severity.WARN or scope.near(NEAR_ROOM, NEAR_SECONDS))
+                and scope.name not in self._idle)
 
     def _worth_a_search(self, scope: Scope, severity: Severity, now: float) -> bool:
         """Search for a victim now?  Always, unless the last search found none at this
@@ -724,13 +913,19 @@ class Daemon:
         return timeout
 
     def _wait(self, timeout: float) -> None:
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        owner: dict[int, Scope] = {}
-        for scope in self.scopes.values():
-            for fd in scope.psi.fds:
-                poller.register(fd, select.POLLPRI)
-                owner[fd] = scope
+        # The poll set changes only when scopes or their triggers do: built once for
+        # each set, not on every look.
+        key = tuple((id(scope), *scope.psi.fds) for scope in self.scopes.values())
+        if self._poll_set is None or self._poll_set[0] != key:
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            owners: dict[int, Scope] = {}
+            for scope in self.scopes.values():
+                for fd in scope.psi.fds:
+                    poller.register(fd, select.POLLPRI)
+                    owners[fd] = scope
+            self._poll_set = (key, poller, owners)
+        _, poller, owner = self._poll_set
         for fd, revents in poller.poll(timeout * 1000):
             if fd == self._wake_r:
                 with contextlib.suppress(BlockingIOError):
@@ -1182,6 +1377,8 @@ class Daemon:
             except VictimError as e:
                 passed["gone or refused"] += 1
                 log.debug("skipping %d: %s", c.pid, e)
+                if self._cache is not None:
+                    self._cache.suspect(c.pid)  # gone, or another process: read it again
                 continue
             except OSError as e:  # EMFILE, ENOMEM...: this one cannot be pinned now
                 passed["could not be pinned"] += 1
@@ -1230,10 +1427,12 @@ class Daemon:
             if not alive:
                 self._killed.discard((pid, starttime))
 
-    def status(self, top: int = 10) -> dict[str, object]:
+    def status(self, top: int = 10, ranking: bool = True) -> dict[str, object]:
         """What the daemon decides from, for `mreaper status` (systemd-oomd's `oomctl
         dump` idea): per scope the figures, the levels and the distance to them, the
-        top candidates, the last kills.  Safe to call from another thread."""
+        top candidates, the last kills.  Safe to call from another thread.  Calm, there
+        is no ranking: a status client's question makes one (`ranking`; the sd_notify
+        summary needs none)."""
         scopes: list[dict[str, object]] = []
         for scope in list(self.scopes.values()):
             look = scope.last
@@ -1243,7 +1442,7 @@ class Daemon:
                            "reason": look.verdict.reason, **look.figures})
         candidates: list[dict[str, object]] = []
         if self._cache is not None:
-            for r in self._cache.peek()[:top]:
+            for r in (self._cache.peek(build=True) if ranking else [])[:top]:
                 c = r.candidate
                 candidates.append({"pid": c.pid, "name": c.name, "rss": c.rss,
                                    "oom_score": c.oom_score, "score": r.score,
@@ -1342,6 +1541,13 @@ def _refreshed(r: policy.Ranked) -> policy.Ranked:
         return r
     private = None if c.private is None else c.private + max(rss - c.rss, 0)
     return dataclasses.replace(r, candidate=dataclasses.replace(c, rss=rss, private=private))
+
+
+def wants_samples(sink: Sink) -> bool:
+    """Whether `sink` (or one behind a Fanout) does anything with a Sample: a sink says
+    so with `wants_samples = False`; one that does not say is fed."""
+    inner = sink.sinks if isinstance(sink, Fanout) else [sink]
+    return any(getattr(s, "wants_samples", True) for s in inner)
 
 
 def _prefix(scope: Scope) -> str:

@@ -134,10 +134,17 @@ def next_interval(cfg: Config, mem: MemInfo, fall_rate: float) -> float:
     to the nearest action level, halved, at the faster of the observed fall rate and
     an assumed burst rate, clamped to [poll_min, poll_max] (pure)."""
     limits = [lvl.bytes_of(mem.mem_total) for lvl in (cfg.memory["term"], cfg.memory["kill"])]
+    return interval_towards(mem.mem_available, limits, fall_rate, cfg.poll_min, cfg.poll_max)
+
+
+def interval_towards(available: int, limits: Sequence[int | None], fall_rate: float,
+                     poll_min: float, poll_max: float) -> float:
+    """next_interval from the action levels in bytes (the daemon keeps them so): towards
+    the highest of `limits` that is on; poll_max when none is (pure)."""
     target = max((x for x in limits if x is not None), default=None)
     if target is None:
-        return cfg.poll_max
-    return interval_for(mem.mem_available - target, fall_rate, cfg.poll_min, cfg.poll_max)
+        return poll_max
+    return interval_for(available - target, fall_rate, poll_min, poll_max)
 
 
 def interval_for(room: int, fall_rate: float, poll_min: float, poll_max: float) -> float:
@@ -209,6 +216,7 @@ class PsiMonitor:
         the kernel backs it with the same system-wide PSI group, and it stays reachable
         where /proc/pressure is masked (some container runtimes)."""
         self.triggers = {lvl: t for lvl, t in triggers.items() if t is not None}
+        self._readers: dict[str, int] = {}  # path -> descriptor kept open for reading
         self.fds: dict[int, str] = {}
         self.fired: dict[str, float] = {}
         self.fallback: str | None = None  # why triggers are not used, if they are not
@@ -313,7 +321,7 @@ class PsiMonitor:
         """Read the pressure file once: its averages (for gauges and the fallback) and
         its totals (to confirm trigger events).  Called on every look."""
         try:
-            data = read_pressure_file(self._readable or self.path)
+            data = self._read(self._readable or self.path)
         except OSError:
             self._averages = {}
             return
@@ -326,8 +334,7 @@ class PsiMonitor:
         _keep(self._totals, now, parse_totals(data), horizon)
         if self.own is not None:
             try:
-                _keep(self._own_totals, now, parse_totals(read_pressure_file(self.own)),
-                      horizon)
+                _keep(self._own_totals, now, parse_totals(self._read(self.own)), horizon)
             except OSError:
                 self.own = None  # our cgroup changed or has no PSI: nothing to discount
         for level, since in list(self.pending.items()):
@@ -338,6 +345,26 @@ class PsiMonitor:
                     self.fired[level] = now
                 else:
                     self.rejected += 1
+
+    def _read(self, path: str) -> bytes:
+        """A pressure file through a descriptor kept open (pread at 0 regenerates it):
+        read on every look, it costs no open/close.  An error closes it (a removed
+        cgroup: the next read opens it again, or fails for good)."""
+        fd = self._readers.get(path)
+        if fd is None:
+            fd = open_pressure_file(path)  # checked once: a kernel PSI file, not a FIFO
+            self._readers[path] = fd
+        try:
+            data = os.pread(fd, PRESSURE_FILE_LIMIT + 1, 0)
+            if len(data) > PRESSURE_FILE_LIMIT:
+                raise trust.TooLarge(errno.EFBIG, f"larger than {PRESSURE_FILE_LIMIT} bytes",
+                                     path)
+            return data
+        except OSError:
+            del self._readers[path]
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
 
     def averages(self) -> dict[str, float]:
         """avg10 of some/full as of the last refresh."""
@@ -355,10 +382,11 @@ class PsiMonitor:
         return out
 
     def close(self) -> None:
-        for fd in self.fds:
+        for fd in [*self.fds, *self._readers.values()]:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+        self._readers.clear()
 
 
 _POLLPRI = 0x002
@@ -390,14 +418,22 @@ def _not_pressure_file(path: str, fd: int | None = None) -> str | None:
     return None if why is None else f"{path}: {why}"
 
 
+def open_pressure_file(path: str) -> int:
+    """A descriptor on the kernel PSI file `path`; OSError if it is not one (a FIFO is
+    refused at once, never read: O_NONBLOCK)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    why = trust.kernel_pressure_file(fd, PRESSURE_FILESYSTEMS)
+    if why is not None:
+        os.close(fd)
+        raise OSError(errno.EINVAL, why, path)
+    return fd
+
+
 def read_pressure_file(path: str) -> bytes:
     """The content of a kernel PSI file; OSError if `path` is not one (a FIFO is
     refused at once, never read: O_NONBLOCK) or holds more than PRESSURE_FILE_LIMIT."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = open_pressure_file(path)
     try:
-        why = trust.kernel_pressure_file(fd, PRESSURE_FILESYSTEMS)
-        if why is not None:
-            raise OSError(errno.EINVAL, why, path)
         return trust.read_fd(fd, PRESSURE_FILE_LIMIT, path)
     finally:
         os.close(fd)

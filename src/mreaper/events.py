@@ -58,6 +58,8 @@ class EventsSink:
     def episode(self, event: Episode) -> None:
         self.write(event.to_dict())
 
+    wants_samples = False  # the events file has kills and episodes, no gauges
+
     def sample(self, sample: Sample) -> None:
         pass
 

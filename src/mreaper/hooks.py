@@ -272,6 +272,8 @@ class Hooks:
     def episode(self, event: Episode) -> None:
         pass
 
+    wants_samples = False  # hooks run on kills only
+
     def sample(self, sample: Sample) -> None:
         pass
 

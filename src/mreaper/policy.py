@@ -559,9 +559,16 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
                              excluded="; ".join(reasons) if reasons else None,
                              must_live=must_live, pod=pod,
                              tier=kube.NOT_A_POD_TIER if pod is None else kube.TIER_OF[pod.qos]))
-    ranked.sort(key=lambda r: (r.excluded is not None, r.tier, -r.score, -r.candidate.rss,
-                               r.candidate.pid))
+    ranked.sort(key=rank_key)
     return ranked
+
+
+def rank_key(r: Ranked) -> tuple[bool, int, int, int, int]:
+    """The order of a `rank` result: eligible first, by pod tier (Kubernetes QoS), by
+    score descending, then larger rss, then lower pid.  Each entry's place depends on
+    its own facts only, so rankings of parts of a list merge into the ranking of the
+    whole (the process table's incremental ranking relies on it)."""
+    return (r.excluded is not None, r.tier, -r.score, -r.candidate.rss, r.candidate.pid)
 
 
 def preference_of(cgroup: str, preferences: Mapping[str, str]) -> tuple[str, str] | None:
@@ -671,26 +678,16 @@ def scan(proc: str = procfs.PROC, *, between: Callable[[], None] | None = None,
     read the private memory of each forked child of another candidate (smaps_rollup:
     ~6 ms per GiB resident, so the daemon asks for it under pressure only).
     """
-    candidates: list[Candidate] = []
-    warnings: list[str] = []
-    for pid in sorted(procfs.list_pids(proc)):
-        if between is not None:
-            between()
-        try:
-            candidate = snapshot(pid, proc)
-        except procfs.ProcessGone:
-            continue
-        except procfs.ParseError as e:
-            warnings.append(f"PID {pid} skipped: {e}")
-        except OSError as e:
-            where = e.filename if e.filename is not None else f"{proc}/{pid}"
-            warnings.append(f"PID {pid} skipped: {where}: {e.strerror or e}")
-        else:
-            if candidate is not None:
-                candidates.append(candidate)
+    # One way to read processes: the first refresh of a fresh process table.  Imported
+    # here: the table is built on this module's snapshot (observe).
+    from mreaper.proctable import ProcTable
+
+    table = ProcTable(proc)
+    done = table.refresh(between=between)
+    candidates = table.candidates()
     if private:
         candidates = _with_private(candidates, proc, between)
-    return candidates, warnings
+    return candidates, list(done.warnings)
 
 
 def _with_private(candidates: list[Candidate], proc: str,
@@ -717,6 +714,14 @@ def _with_private(candidates: list[Candidate], proc: str,
 def snapshot(pid: int, proc: str = procfs.PROC, *, private: bool = False) -> Candidate | None:
     """One process as a Candidate, or None if it can never be one (kernel thread,
     zombie, no mm, ...).  Raises ProcessGone/ParseError like the readers."""
+    found = observe(pid, proc, private=private)
+    return None if found is None else found[0]
+
+
+def observe(pid: int, proc: str = procfs.PROC, *, private: bool = False
+            ) -> tuple[Candidate, procfs.Stat, procfs.Status] | None:
+    """snapshot(), with the stat and status it was made from (the process table keeps
+    the process group, session and anonymous RSS from them)."""
     stat = procfs.read_stat(pid, proc)
     if (stat.state in ("Z", "X") and stat.num_threads <= 1) or reap.refusal(stat) is not None:
         return None  # decided on stat alone: a kernel thread or a zombie costs one read
@@ -725,11 +730,12 @@ def snapshot(pid: int, proc: str = procfs.PROC, *, private: bool = False) -> Can
     status = procfs.read_status(pid, proc)
     if _never(stat, status):
         return None
-    return _candidate(stat, status, cmdline=procfs.read_cmdline(pid, proc),
-                      cgroup=procfs.read_cgroup(pid, proc).unified,
-                      exe=_read_exe(pid, proc, status.mm_tid),
-                      oom=procfs.read_oom_score(pid, proc),
-                      private=procfs.read_private(pid, proc) if private else None)
+    candidate = _candidate(stat, status, cmdline=procfs.read_cmdline(pid, proc),
+                           cgroup=procfs.read_cgroup(pid, proc).unified,
+                           exe=_read_exe(pid, proc, status.mm_tid),
+                           oom=procfs.read_oom_score(pid, proc),
+                           private=procfs.read_private(pid, proc) if private else None)
+    return candidate, stat, status
 
 
 def candidate_of(victim: reap.Victim, proc: str = procfs.PROC) -> Candidate | None:

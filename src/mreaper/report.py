@@ -75,6 +75,8 @@ def pod_suffix(report: KillReport) -> str:
 class LogSink:
     """One line per kill (the report) and per episode start and end."""
 
+    wants_samples = False  # a log line per second would be noise
+
     def kill(self, report: KillReport, scope: str) -> None:
         prefix = "" if scope == "machine" else f"[{scope}] "
         log.warning("%s%s%s", prefix, report.human(), pod_suffix(report))

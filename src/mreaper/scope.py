@@ -27,7 +27,7 @@ from mreaper.detect import (
     assess,
     assess_scope,
     interval_for,
-    next_interval,
+    interval_towards,
     parse_pressure,
 )
 from mreaper.linux import cgroup, procfs
@@ -109,6 +109,12 @@ class Scope:
         None when that figure does not hold it (a level held by PSI or swap alone)."""
         raise NotImplementedError
 
+    def near(self, room: int, seconds: float) -> bool:
+        """At the last look, within `room` bytes of the first level it would reach, or
+        falling fast enough to reach it within `seconds`.  False without a figure (PSI
+        alone: the trigger's verdict says when)."""
+        return False
+
     def close(self) -> None:
         self.psi.close()
 
@@ -125,28 +131,58 @@ class MachineScope(Scope):
         self.cfg = cfg
         self.meminfo = meminfo
         self._mem: procfs.MemInfo | None = None
+        self._bounds: tuple[Config, int, int, dict[str, int | None],
+                            dict[str, int | None]] | None = None
+
+    def levels(self, mem: procfs.MemInfo) -> tuple[dict[str, int | None],
+                                                     dict[str, int | None]]:
+        """The memory and swap levels in bytes, computed once per configuration and
+        totals (they change on a reload or a memory hotplug, not between looks)."""
+        b = self._bounds
+        if b is None or b[0] is not self.cfg or b[1] != mem.mem_total or b[2] != mem.swap_total:
+            b = (self.cfg, mem.mem_total, mem.swap_total,
+                 {lvl: self.cfg.memory[lvl].bytes_of(mem.mem_total) for lvl in config_mod.LEVELS},
+                 {lvl: self.cfg.swap[lvl].bytes_of(mem.swap_total) for lvl in config_mod.LEVELS})
+            self._bounds = b
+        return b[3], b[4]
 
     def look(self, now: float) -> Look:
         mem = self.meminfo()
         self._mem = mem
         self.fall.update(now, mem.mem_available)
         self.psi.refresh(now)
-        verdict = assess(self.cfg, mem, self.psi.active(now))
+        active = self.psi.active(now)
+        levels, swap_levels = self.levels(mem)
+        if _above(mem.mem_available, levels) and (mem.swap_total == 0 or _above(
+                mem.swap_free, swap_levels)) and not any(active.values()):
+            # No source holds at any level, so no term of `when` can (highest_level): the
+            # calm look's verdict, without the words for each source and level.
+            verdict = CALM
+        else:
+            verdict = assess(self.cfg, mem, active)
         figures: dict[str, object] = {
             "mem_total": mem.mem_total, "mem_available": mem.mem_available,
             "swap_total": mem.swap_total, "swap_free": mem.swap_free,
-            "levels": {lvl: self.cfg.memory[lvl].bytes_of(mem.mem_total)
-                       for lvl in config_mod.LEVELS},
-            "swap_levels": {lvl: self.cfg.swap[lvl].bytes_of(mem.swap_total)
-                            for lvl in config_mod.LEVELS},
+            "levels": levels, "swap_levels": swap_levels,
         }
         self.last = Look(verdict, mem.mem_available, figures)
         return self.last
 
     def interval(self) -> float:
-        if self._mem is None:
+        """next_interval, from the levels kept in bytes."""
+        mem = self._mem
+        if mem is None:
             return self.cfg.poll_min
-        return next_interval(self.cfg, self._mem, self.fall.rate)
+        levels, _ = self.levels(mem)
+        return interval_towards(mem.mem_available, (levels["term"], levels["kill"]),
+                                self.fall.rate, self.cfg.poll_min, self.cfg.poll_max)
+
+    def near(self, room: int, seconds: float) -> bool:
+        mem = self._mem
+        if mem is None:
+            return False
+        levels, _ = self.levels(mem)
+        return _near(mem.mem_available, list(levels.values()), self.fall.rate, room, seconds)
 
     def kill_room(self) -> int | None:
         mem = self._mem
@@ -234,6 +270,14 @@ class CgroupScope(Scope):
         return interval_for(state.headroom - target, self.fall.rate, self.poll_min,
                             self.poll_max)
 
+    def near(self, room: int, seconds: float) -> bool:
+        state = self._state
+        if state is None or state.headroom is None or state.limit is None:
+            return False
+        limit = state.limit
+        bounds = [self.sc.headroom[lvl].bytes_of(limit) for lvl in config_mod.LEVELS]
+        return _near(state.headroom, bounds, self.fall.rate, room, seconds)
+
     def kill_room(self) -> int | None:
         state = self._state
         if state is None or state.headroom is None or state.limit is None:
@@ -287,6 +331,25 @@ class CgroupScope(Scope):
         parts.append(f"unit: {self.sc.unit}" + (f" by {self.sc.select}"
                                                  if self.sc.unit == "cgroup" else ""))
         return "; ".join(parts)
+
+
+CALM = Verdict(Severity.NONE, "")
+
+
+def _above(figure: int, levels: Mapping[str, int | None]) -> bool:
+    """`figure` above every level that is on (pure)."""
+    return all(b is None or figure > b for b in levels.values())
+
+
+def _near(figure: int, bounds: Sequence[int | None], rate: float, room: int,
+          seconds: float) -> bool:
+    """`figure` (MemAvailable, headroom) within `room` of the highest of `bounds` (the
+    first level it would reach), or that close at `rate` bytes/s in `seconds` (pure)."""
+    first = max((b for b in bounds if b is not None), default=None)
+    if first is None:
+        return False
+    left = figure - first
+    return left <= room or left <= rate * seconds
 
 
 def scope_name(sc: ScopeConfig, cgroup_path: str) -> str:

@@ -8,11 +8,13 @@ start with an exact message instead of running without the evidence it was asked
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from mreaper.config import Config, ConfigError
-from mreaper.events import EventsSink
-from mreaper.hooks import Hooks
 from mreaper.report import Fanout, LogSink, Sink
+
+if TYPE_CHECKING:  # imported on first use: a daemon without them never loads them
+    from mreaper.hooks import Hooks
 
 log = logging.getLogger("mreaper")
 
@@ -23,6 +25,8 @@ def build_sink(cfg: Config) -> tuple[Sink, Hooks | None]:
     sinks: list[Sink] = [LogSink()]
     try:
         if cfg.events_path:
+            from mreaper.events import EventsSink
+
             try:
                 sinks.append(EventsSink(cfg.events_path))
             except OSError as e:
@@ -36,6 +40,8 @@ def build_sink(cfg: Config) -> tuple[Sink, Hooks | None]:
         raise
     hooks = None
     if cfg.pre_kill or cfg.post_kill:
+        from mreaper.hooks import Hooks
+
         hooks = Hooks(cfg.pre_kill, cfg.pre_kill_timeout, cfg.post_kill)
         sinks.append(hooks)
     return Fanout(sinks), hooks

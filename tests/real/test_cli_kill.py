@@ -177,11 +177,12 @@ def test_thread_id() -> None:
 
 
 # Runs `mreaper kill` as uid/gid 65534: the interpreter starts as root (it may live under
-# a directory nobody cannot traverse, like /root/.pyenv), imports mreaper.cli, drops every
-# privilege, then runs the command exactly as the console script would.
+# a directory nobody cannot traverse, like /root/.pyenv), imports mreaper.cli and the
+# command modules it loads on first use, drops every privilege, then runs the command
+# exactly as the console script would.
 AS_NOBODY = """
 import os, sys
-import mreaper.cli
+import locale, mreaper.cli, mreaper.cli_status, mreaper.cli_history, mreaper.install_files
 os.setgroups([])
 os.setgid(65534)
 os.setuid(65534)

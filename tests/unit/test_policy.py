@@ -374,6 +374,8 @@ def write_proc(root: Path, pid: int, *, comm: bytes = b"proc", state: str = "S",
         "cgroup": cgroup,
         "oom_score": oom_score,
         "oom_score_adj": oom_score_adj,
+        # sizes in 4 KiB pages: total, resident, shared, text, 0, data, 0
+        "statm": f"2250 {(rss_kb or 0) // 4} 0 1 0 100 0\n".encode(),
     }
     if status is None:
         vm = (b"" if rss_kb is None else

@@ -102,11 +102,11 @@ def parse_stat(data: bytes, path: str = "stat") -> Stat:
             comm=data[open_paren + 1:close_paren].decode("utf-8", "backslashreplace"),
             state=rest[0].decode("ascii", "replace"),
             ppid=int(rest[1]),
+            pgrp=int(rest[2]),
+            session=int(rest[3]),
             flags=int(rest[6]),
             num_threads=int(rest[17]),
             starttime=int(rest[19]),
-            pgrp=int(rest[2]),
-            session=int(rest[3]),
         )
     except (ValueError, IndexError):
         raise ParseError(path, f"unexpected layout: {data[:200]!r}") from None
@@ -293,6 +293,46 @@ def read_oom_score(pid: int, proc: str = PROC) -> tuple[int, int]:
     return values[0], values[1]
 
 
+def read_statm(pid: int, proc: str = PROC) -> bytes:
+    """/proc/<pid>/statm as the kernel wrote it (sizes in pages: total, resident,
+    shared, text, 0, data, 0).  Raw: the process table compares it whole to see whether
+    anything changed, without parsing it."""
+    return _read_bytes(f"{proc}/{pid}/statm", pid)
+
+
+def read_int(path: str, pid: int) -> int:
+    """A /proc/<pid>/ file holding one integer (oom_score, oom_score_adj)."""
+    data = _read_bytes(path, pid)
+    try:
+        return int(data)
+    except ValueError:
+        raise ParseError(path, f"not an integer: {data[:40]!r}") from None
+
+
+def read_last_pid(proc: str = PROC) -> int:
+    """The PID the kernel allocated last in our PID namespace: the last field of
+    /proc/loadavg (fs/proc/loadavg.c: idr_get_cursor - 1).  PIDs are handed out in
+    increasing order, wrapping at pid_max, so every process created since this was
+    read has a PID after it: new processes can be found without listing /proc."""
+    path = f"{proc}/loadavg"
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return int(data.split()[4])
+    except (ValueError, IndexError):
+        raise ParseError(path, f"no last PID in {data[:80]!r}") from None
+
+
+def read_pid_max(proc: str = PROC) -> int:
+    path = f"{proc}/sys/kernel/pid_max"
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return int(data)
+    except ValueError:
+        raise ParseError(path, f"not an integer: {data[:40]!r}") from None
+
+
 def list_pids(proc: str = PROC) -> list[int]:
     """Numeric entries of /proc: every thread-group leader visible to us."""
     return [int(d) for d in os.listdir(proc) if d.isdigit()]
@@ -319,11 +359,16 @@ _MEMINFO_KEYS = {"MemTotal": "mem_total", "MemFree": "mem_free", "MemAvailable":
                  "Shmem": "shmem"}
 
 
+_MEMINFO_BYTES = {k.encode(): f for k, f in _MEMINFO_KEYS.items()}
+
+
 def parse_meminfo(data: bytes, path: str = "/proc/meminfo") -> MemInfo:
     found: dict[str, int] = {}
     for raw in data.split(b"\n"):
         key, sep, value = raw.partition(b":")
-        field = _MEMINFO_KEYS.get(key.decode("ascii", "replace"))
+        # Bytes compared before anything is decoded: the daemon parses this file on
+        # every look, and most of its ~55 lines are of no interest.
+        field = _MEMINFO_BYTES.get(key)
         if not sep or field is None:
             continue
         parts = value.split()
@@ -333,6 +378,8 @@ def parse_meminfo(data: bytes, path: str = "/proc/meminfo") -> MemInfo:
             raise ParseError(path, f"{key.decode('ascii', 'replace')}: cannot parse "
                                    f"{value.strip()[:60]!r}") from None
         found[field] = number * 1024 if parts[1:] == [b"kB"] else number
+        if len(found) == len(_MEMINFO_BYTES):
+            break  # all there (Shmem comes about line 20): the rest is not read
     missing = [k for k, f in _MEMINFO_KEYS.items() if f not in found and k != "Shmem"]
     if missing:
         # MemAvailable exists since Linux 3.14; without it we cannot judge headroom.
@@ -384,3 +431,31 @@ def read_resident(pid: int, proc: str = PROC) -> int:
         return int(data.split()[1]) * PAGE_SIZE
     except (ValueError, IndexError):
         raise ParseError(path, f"unexpected layout: {data[:80]!r}") from None
+
+
+def pread_all(fd: int, size: int = 16384) -> bytes:
+    """The whole of a small kernel-generated file through a descriptor kept open: one
+    pread(2) at offset 0 regenerates it (seq_file restarts at a rewound position), so
+    a file read on every look costs no open/close and no path walk."""
+    data = os.pread(fd, size, 0)
+    while len(data) == size:  # grew past the buffer: read it whole, once
+        size *= 4
+        data = os.pread(fd, size, 0)
+    return data
+
+
+class MemInfoReader:
+    """/proc/meminfo read through one descriptor kept open (pread on every call): the
+    daemon's calm loop reads it every second, and that read is all it does."""
+
+    def __init__(self, proc: str = PROC) -> None:
+        self.path = f"{proc}/meminfo"
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def __call__(self) -> MemInfo:
+        return parse_meminfo(pread_all(self._fd), self.path)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -11,10 +11,8 @@ PermissionError, ...), so callers can catch either way.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
-import platform
 import sys
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,7 +35,7 @@ _X32_BIT = 0x40000000
 def detect_abi(machine: str | None = None, multiarch: str | None = None,
                pointer_bits: int | None = None) -> str:
     """Name the syscall ABI of this interpreter: generic, alpha, x32, mips-o32/n64/n32."""
-    machine = (machine if machine is not None else platform.machine()).lower()
+    machine = (machine if machine is not None else os.uname().machine).lower()
     if multiarch is None:
         multiarch = getattr(sys.implementation, "_multiarch", "") or ""
     if pointer_bits is None:
@@ -74,7 +72,7 @@ def syscall_number(name: str, abi: str) -> int:
 # arch/{alpha,powerpc,sparc}/include/uapi/asm/mman.h).
 def mlock_flags(machine: str | None = None) -> tuple[int, int, int]:
     """(MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT) for this architecture."""
-    machine = (machine if machine is not None else platform.machine()).lower()
+    machine = (machine if machine is not None else os.uname().machine).lower()
     if machine.startswith(("ppc", "powerpc", "sparc", "alpha")):
         return 0x2000, 0x4000, 0x8000
     return 1, 2, 4
@@ -135,7 +133,17 @@ class Syscalls(Protocol):
     def process_mrelease(self, pidfd: int, flags: int = 0) -> None: ...
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+def _load_libc() -> ctypes.CDLL:
+    """The C library: glibc's soname, else the symbols the interpreter already has
+    (dlopen(NULL): musl and others).  Not ctypes.util.find_library, which spawns
+    ldconfig and pulls subprocess into a daemon that needs neither (3 MiB of RSS)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(None, use_errno=True)
+
+
+_libc = _load_libc()
 _libc.syscall.restype = ctypes.c_long
 _libc.mlockall.argtypes = [ctypes.c_int]
 _libc.mlockall.restype = ctypes.c_int
@@ -180,6 +188,19 @@ def process_mrelease(pidfd: int, flags: int = 0) -> None:
 def mlockall(flags: int) -> None:
     """mlockall(2): keep our pages resident so we can still act under pressure."""
     _check(_libc.mlockall(flags), "mlockall")
+
+
+M_ARENA_MAX = -8  # glibc malloc.h
+
+
+def one_malloc_arena() -> bool:
+    """mallopt(M_ARENA_MAX, 1): every thread allocates from the main arena.  By default
+    glibc gives each thread that allocates an arena of its own, a 64 MiB mapping, and
+    under mlockall every such mapping counts as locked (VmLck) and its touched pages
+    stay pinned.  The daemon's threads allocate little and rarely at once.  False where
+    there is no mallopt (not glibc)."""
+    mallopt = getattr(_libc, "mallopt", None)
+    return mallopt is not None and bool(mallopt(M_ARENA_MAX, 1))
 
 
 def lock_memory() -> str:
