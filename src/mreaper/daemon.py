@@ -1180,14 +1180,15 @@ class Daemon:
                     r.candidate.rss - base[(r.candidate.pid, r.candidate.starttime)]
                     for r in ranked}
 
-        first = families.group(alive, growth_of(alive), weight=weight, own=own)
+        first = families.group(alive, growth_of(alive), weight=weight, own=own,
+                               growing_only=True)
         wanted = {(r.candidate.pid, r.candidate.starttime) for f in first if f.eligible
                   for r in f.members}
         if len(wanted) <= FRESH_MAX:
             alive = [_refreshed(r) if (r.candidate.pid, r.candidate.starttime) in wanted else r
                      for r in alive]
         growth = growth_of(alive)
-        found = families.group(alive, growth, weight=weight, own=own)
+        found = families.group(alive, growth, weight=weight, own=own, growing_only=True)
         family, why = families.choose(found, alive, growth, weight=weight)
         if family is None:
             log.debug("%sno family: %s", _prefix(scope), why)
