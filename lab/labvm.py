@@ -156,6 +156,18 @@ class LabResult:
     def console_tail(self, n: int = 25) -> str:
         return "\n".join(self.console.splitlines()[-n:])
 
+    def last_json(self) -> dict[str, Any]:
+        """The last line of stdout that starts with "{", as JSON: what a guest script
+        reports.  AssertionError with the output and the console's tail when the VM
+        failed or the script printed no such line."""
+        out = self.stdout.decode(errors="replace")
+        lines = [x for x in out.splitlines() if x.startswith("{")]
+        assert self.returncode == 0 and lines, (
+            f"VM exit {self.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n"
+            f"{self.stderr.decode(errors='replace')[-3000:]}\nconsole:\n{self.console_tail(40)}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
+
 
 # --------------------------------------------------------------------------- cache
 

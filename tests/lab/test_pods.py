@@ -192,13 +192,7 @@ def boot(tmp_path_factory: pytest.TempPathFactory, pods: str) -> dict[str, Any]:
     with out_of_reach():
         res = labvm.run([python, str(script), str(REPO), pods], mem_mib=MEM_MIB,
                         systemd=True, timeout=1200, cwd=str(REPO))
-    out = res.stdout.decode(errors="replace")
-    lines = [x for x in out.splitlines() if x.startswith("{")]
-    assert res.returncode == 0 and lines, (
-        f"VM exit {res.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n"
-        f"{res.stderr.decode(errors='replace')[-3000:]}\nconsole:\n{res.console_tail(40)}")
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return res.last_json()
 
 
 @pytest.fixture(scope="module")

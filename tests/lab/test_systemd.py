@@ -186,13 +186,7 @@ def vm_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     python = shutil.which("python3", path="/usr/bin") or sys.executable
     res = labvm.run([python, str(script), str(REPO), str(wheel)], mem_mib=MEM_MIB,
                     systemd=True, timeout=1500, cwd="/")
-    out = res.stdout.decode(errors="replace")
-    lines = [x for x in out.splitlines() if x.startswith("{")]
-    assert res.returncode == 0 and lines, (
-        f"VM exit {res.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n"
-        f"{res.stderr.decode(errors='replace')[-3000:]}\nconsole:\n{res.console_tail(40)}")
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return res.last_json()
 
 
 def _show(r: dict[str, Any]) -> str:
