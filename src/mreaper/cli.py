@@ -252,7 +252,7 @@ def _explain_families(ranked: list[Any], growth: dict[tuple[int, int], int], wei
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from mreaper import policy, scope
+    from mreaper import podmem, policy, scope
     from mreaper.linux import cgroup
 
     cfg = load_config(args)
@@ -263,6 +263,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         unified = cgroup.find_mounts().unified
     except OSError:
         unified = ""
+    if cfg.pods:
+        candidates = podmem.with_requests(candidates, unified)
     prefs = scope.preferences(candidates, unified)
     limit = None if args.all else 20
     if not args.scope or args.scope == scope.MACHINE:
@@ -273,6 +275,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             before = {(c.pid, c.starttime): c.rss for c in candidates}
             time.sleep(args.growth)
             candidates, _ = policy.scan(private=True)
+            if cfg.pods:
+                candidates = podmem.with_requests(candidates, unified)
             prefs = scope.preferences(candidates, unified)
             growth = {(c.pid, c.starttime): c.rss - before.get((c.pid, c.starttime), 0)
                       for c in candidates}

@@ -160,8 +160,11 @@ KEYS: tuple[Key, ...] = (
     Key("kill", "pods", "boolean", "true",
         "Kubernetes pods, known from kubelet's cgroup paths (docs/kubernetes.md): every "
         "BestEffort container is chosen before any Burstable one, and those before any "
-        "Guaranteed one or any process outside pods, whatever the scores; a pod's sandbox "
-        "(pause) process is never chosen. Changes nothing where no process is in a pod."),
+        "Guaranteed one or any process outside pods, whatever the scores; within a class, "
+        "containers above their memory request where the cgroup shows it (kubelet's "
+        "MemoryQoS: memory.min or memory.low) come first, furthest above first; a pod's "
+        "sandbox (pause) process is never chosen. Changes nothing where no process is in "
+        "a pod."),
     # [[rule]]
     Key("rule", "action", "\"prefer\", \"avoid\" or \"protect\"", None,
         "Required. prefer raises the score (kill sooner), avoid lowers it, protect "

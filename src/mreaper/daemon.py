@@ -441,6 +441,10 @@ class CandidateCache:
                                  if p in keeper.table.entries], self.unified, read=read)
             if found.items() - keeper.ranking.preferences.items():
                 keeper.ranking.set_preferences({**keeper.ranking.preferences, **found})
+        if self._cfg.pods and self.unified:
+            # Usage over the pod container's memory request, where kubelet shows it
+            # (podmem.py): read again each refresh, it moves without statm changing.
+            keeper.table.read_requests(self.unified, between=between)
         if self._urgent:
             # What a kill frees, for forked children (policy._with_private's rule), only
             # near a level: smaps_rollup walks page tables, ~6 ms per GiB resident.

@@ -67,6 +67,10 @@ class Candidate:
     # read under pressure only; None when not read.  A forked child's RSS counts the pages
     # it shares with its parent: killing it frees only these.
     private: int | None = None
+    # Kubernetes: bytes its pod container uses above its memory request, where kubelet's
+    # MemoryQoS shows the request in the cgroup (podmem.py); None when not shown or not
+    # read (outside pods, kill.pods off).  Ranks within a QoS tier (rank_key).
+    over_request: int | None = None
 
     @property
     def frees(self) -> int:
@@ -456,6 +460,9 @@ class Ranked:
     # (kube.TIER_OF), which orders before the score.
     pod: kube.Pod | None = None
     tier: int = kube.NOT_A_POD_TIER
+    # Bytes above its request (Candidate.over_request) when in a pod and over it, else 0:
+    # orders within the tier before the score, as kubelet's eviction does.
+    over: int = 0
 
     @property
     def eligible(self) -> bool:
@@ -498,10 +505,13 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
     score, as Kubernetes evicts: every BestEffort one before any Burstable one, those
     before any Guaranteed one or any process outside pods (kube.TIER_OF); a pod's
     sandbox (pause) process is excluded and must live (kube.is_pause).  Without pods on
-    the machine every process is in one tier and nothing changes.
+    the machine every process is in one tier and nothing changes.  Within a tier, the
+    containers above their memory request where the cgroup shows it
+    (Candidate.over_request) come first, furthest above first, as kubelet ranks
+    evictions; the others (below their request, or no request shown) after, by score.
 
-    Order: eligible first, by tier, then score descending, then larger rss, then lower
-    pid; the excluded after, in the same order.
+    Order: eligible first, by tier, then bytes over request descending, then score
+    descending, then larger rss, then lower pid; the excluded after, in the same order.
     """
     if min_rss < 0:
         raise ValueError(f"min_rss {min_rss!r}: must be >= 0 bytes")
@@ -558,17 +568,21 @@ def rank(candidates: Sequence[Candidate], rules: Sequence[Rule], *,
         ranked.append(Ranked(candidate=c, score=score, touched_by=tuple(touched),
                              excluded="; ".join(reasons) if reasons else None,
                              must_live=must_live, pod=pod,
-                             tier=kube.NOT_A_POD_TIER if pod is None else kube.TIER_OF[pod.qos]))
+                             tier=kube.NOT_A_POD_TIER if pod is None else kube.TIER_OF[pod.qos],
+                             over=0 if pod is None or c.over_request is None
+                             else max(c.over_request, 0)))
     ranked.sort(key=rank_key)
     return ranked
 
 
-def rank_key(r: Ranked) -> tuple[bool, int, int, int, int]:
+def rank_key(r: Ranked) -> tuple[bool, int, int, int, int, int]:
     """The order of a `rank` result: eligible first, by pod tier (Kubernetes QoS), by
-    score descending, then larger rss, then lower pid.  Each entry's place depends on
-    its own facts only, so rankings of parts of a list merge into the ranking of the
-    whole (the process table's incremental ranking relies on it)."""
-    return (r.excluded is not None, r.tier, -r.score, -r.candidate.rss, r.candidate.pid)
+    bytes over the pod container's memory request descending, by score descending, then
+    larger rss, then lower pid.  Each entry's place depends on its own facts only, so
+    rankings of parts of a list merge into the ranking of the whole (the process table's
+    incremental ranking relies on it)."""
+    return (r.excluded is not None, r.tier, -r.over, -r.score, -r.candidate.rss,
+            r.candidate.pid)
 
 
 def preference_of(cgroup: str, preferences: Mapping[str, str]) -> tuple[str, str] | None:
@@ -632,6 +646,9 @@ def explain_table(ranked: Sequence[Ranked], limit: int | None = 20) -> str:
         why = list(r.touched_by)
         if r.pod is not None:
             why.insert(0, r.pod.describe())
+            if c.over_request is not None:
+                why.insert(1, f"{reap.fmt_bytes(abs(c.over_request))} "
+                              f"{'over' if c.over_request >= 0 else 'under'} its memory request")
         if r.excluded is not None:
             why.append(f"excluded: {r.excluded}")
         rows.append((number, str(c.pid), printable(c.name), reap.fmt_bytes(c.rss),

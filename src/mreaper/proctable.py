@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mreaper import policy, reap
+from mreaper import podmem, policy, reap
 from mreaper.linux import procfs
 
 
@@ -148,6 +148,22 @@ class ProcTable:
                 continue
             e.candidate = dataclasses.replace(c, private=min(private, c.rss))
             e.private_statm = e.statm
+
+    def read_requests(self, unified: str, *,
+                      between: Callable[[], None] | None = None) -> None:
+        """How far each pod container's process is above its memory request
+        (Candidate.over_request, podmem.py), read again at every call: usage moves
+        without the process's statm changing (another process of the container, page
+        cache).  Two or three small reads per container cgroup, once per call.
+        `between` is called every YIELD_EVERY entries (the daemon's scan parks there)."""
+        requests = podmem.Requests(unified)
+        for i, e in enumerate(list(self.entries.values())):
+            if between is not None and not i % YIELD_EVERY:
+                between()
+            c = e.candidate
+            over = requests.over(c.cgroup)
+            if over != c.over_request:
+                e.candidate = dataclasses.replace(c, over_request=over)
 
     def mark(self) -> None:
         """Start counting growth from now: every entry's baseline is its size now, and a

@@ -5,6 +5,8 @@ ranks and kills real processes in look-alike cgroups)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from mreaper import policy
 from mreaper.kube import QoS
 from mreaper.policy import Action, Candidate, Rule
@@ -174,3 +176,33 @@ def test_families_keep_kubernetes_order() -> None:
     family, why = families.choose(families.group(ranked, growth, weight=1.0), ranked,
                                   growth, weight=1.0)
     assert family is not None, why
+
+
+def over(c: Candidate, mib: int | None) -> Candidate:
+    return dataclasses.replace(c, over_request=None if mib is None else mib * MiB)
+
+
+def test_usage_over_request_before_score_within_a_tier() -> None:
+    # two Burstable containers: the one further over its request first, even with the
+    # lower oom_score; a BestEffort one still before both, a Guaranteed one after
+    low = over(cand(21, sd("burstable", "4"), oom_score=300), 900)
+    high = over(cand(22, sd("burstable", "5"), oom_score=1500), 100)
+    under = over(cand(23, sd("burstable", "6"), oom_score=1800), -500)
+    be = cand(24, sd("besteffort", "7"), oom_score=1)
+    gu = over(cand(25, sd("guaranteed", "8"), oom_score=1999), 0)
+    ranked = policy.rank([gu, under, high, low, be], [])
+    # below its request counts as not over it: after those over, by score
+    assert order(ranked) == [24, 21, 22, 23, 25]
+    assert "900.0 MiB over its memory request" in policy.explain_table(ranked)
+    assert "500.0 MiB under its memory request" in policy.explain_table(ranked)
+
+
+def test_without_requests_shown_order_by_score() -> None:
+    a = cand(21, sd("burstable", "4"), oom_score=300)
+    b = cand(22, sd("burstable", "5"), oom_score=1500)
+    assert order(policy.rank([a, b], [])) == [22, 21]
+    # outside pods, or with kill.pods off, a request figure changes nothing
+    c = over(cand(23, "/system.slice/a.service", oom_score=10), 5000)
+    d = cand(24, "/system.slice/b.service", oom_score=20)
+    assert order(policy.rank([c, d], [])) == [24, 23]
+    assert order(policy.rank([over(a, 900), b], [], pods=False)) == [22, 21]
