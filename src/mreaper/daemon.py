@@ -65,6 +65,7 @@ from mreaper.scope import (
     MachineScope,
     Scope,
     child_cgroups,
+    namespace_problem,
     pick_child,
     preferences,
     resolve_scopes,
@@ -645,6 +646,14 @@ class Daemon:
             self._mounts = None
             self._unified = ""
         self._own_pressure = self._own_cgroup_check()
+        if cfg.scopes:
+            try:
+                init_cgroup = procfs.read_cgroup(1).unified
+            except (procfs.ProcessGone, procfs.ParseError, OSError):
+                init_cgroup = ""
+            in_own_namespace = namespace_problem(cfg, init_cgroup)
+            if in_own_namespace is not None:
+                log.warning("scopes: %s", in_own_namespace)
         if self.meminfo is None:
             self.meminfo = procfs.MemInfoReader()
         machine = MachineScope(cfg, self.meminfo, self._unified, self._pressure_path,

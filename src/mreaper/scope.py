@@ -367,6 +367,34 @@ def resolve_scopes(cfg: Config, unified: str) -> dict[str, tuple[ScopeConfig, st
     return out
 
 
+def namespace_problem(cfg: Config, init_cgroup: str) -> str | None:
+    """Why no process can ever be found inside cfg's [[scope]]s, or None.
+
+    `init_cgroup`: PID 1's cgroup v2 path as /proc/1/cgroup shows it to us.  In a cgroup
+    namespace of our own (containerd and CRI-O give one to a container on cgroup v2;
+    Kubernetes has no pod field to ask for the host's), the kernel writes every path
+    relative to our namespace's root (cgroup_path_ns()), and with the host's PID
+    namespace (hostPID) the host's init then shows ".." steps.  A scope's cgroup still
+    resolves (the host's /sys/fs/cgroup bind-mounted keeps its own root), but which
+    processes are in it is decided by comparing those paths with the scope's
+    (policy.in_scope), and none ever matches: at its kill level the scope finds no
+    victim (docs/kubernetes.md)."""
+    if not cfg.scopes or not init_cgroup.startswith("/.."):
+        return None
+    names = ", ".join(sc.name for sc in cfg.scopes)
+    return (f"[[scope]] {names}: mreaper runs in a cgroup namespace of its own (/proc/1/cgroup "
+            f"shows {printable_path(init_cgroup)}), where processes' cgroup paths are relative "
+            "to it: no process is ever found inside a scope, so a scope at its kill level "
+            "kills nothing (the machine scope still does); run mreaper in the host's cgroup "
+            "namespace or drop the scopes (docs/kubernetes.md)")
+
+
+def printable_path(path: str, limit: int = 200) -> str:
+    """A cgroup path for a log line: escaped and bounded."""
+    text = policy.printable(path)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # --- choosing within a scope ------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mreaper import config, policy
+from mreaper import config, policy, scope
 
 REPO = Path(__file__).resolve().parents[2]
 KDIR = REPO / "deploy" / "kubernetes"
@@ -183,3 +183,26 @@ def test_configmap_ranks_pods_as_kubernetes_would(view: str) -> None:
     by_name = {r.candidate.name: r for r in ranked}
     assert by_name["userhog"].eligible and not by_name["userhog"].touched_by
     assert not by_name["usersmall"].touched_by
+
+
+def test_configmap_has_no_scope_and_a_kubepods_scope_is_flagged_in_a_cgroup_namespace(
+        ) -> None:
+    # The shipped ConfigMap configures no [[scope]] (docs/kubernetes.md says why): in a
+    # cgroup namespace of its own, no process's path is ever inside a scope's.
+    base = tomllib.loads(configmap_toml())
+    assert "scope" not in base
+    cfg = config.apply(config.Config(), base, "configmap.yaml")
+    host_init, ns_init = "/init.scope", "/../../../../init.scope"
+    assert scope.namespace_problem(cfg, ns_init) is None  # no scope: nothing to say
+    with_scope = config.apply(config.Config(), {**base, "scope": [
+        {"cgroup": "kubepods.slice", "name": "kubepods"}]}, "test")
+    problem = scope.namespace_problem(with_scope, ns_init)
+    assert problem is not None and "kubepods" in problem and ns_init in problem
+    assert scope.namespace_problem(with_scope, host_init) is None
+    assert scope.namespace_problem(with_scope, "/") is None
+    # what it warns about: a namespaced path is in no scope, a host path is
+    pod = (f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID}.slice/"
+           f"cri-containerd-{CID}.scope")
+    assert policy.in_scope(pod, "/kubepods.slice")
+    assert not policy.in_scope("/../../.." + pod.removeprefix("/kubepods.slice"),
+                               "/kubepods.slice")
