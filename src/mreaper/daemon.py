@@ -1078,8 +1078,9 @@ class Daemon:
         # One more look: the scan may have taken long enough for pressure to clear.
         again = scope.look(t_pinned)
         if again.verdict.severity < Severity.TERM:
-            log.info("%spressure cleared before the kill (%s); %d %r spared", _prefix(scope),
-                     verdict.reason, victim.pid, victim.name)
+            log.info("%spressure cleared before the kill (now: %s; was: %s); %d %r spared",
+                     _prefix(scope), again.verdict.reason, verdict.reason, victim.pid,
+                     victim.name)
             victim.close()
             return
         why = _why(scope, again.verdict, chosen)
@@ -1235,11 +1236,19 @@ class Daemon:
                 continue
             except (VictimError, OSError) as e:
                 return give_up(f"{c.pid} {c.name!r}: {e}")
-            victims.append(v)
             now = policy.candidate_of(v)
+            if now is None:
+                # Pinned, but its memory is gone already (it exited, a zombie its
+                # parent has not reaped, or the kernel OOM killer took it): nothing of
+                # it to judge or free.  Giving the family up for it left the rest to
+                # die one per decision while the kernel killed (the lab storm test).
+                v.close()
+                skipped.append(f"{c.pid} {c.name!r}: exited (no memory left)")
+                continue
+            victims.append(v)
             again = policy.rank([now], self.cfg.rules, sort_by=self.cfg.sort_by,
                                 scope_cgroup=scope.cgroup_path,
-                                cgroup_preferences=prefs) if now is not None else []
+                                cgroup_preferences=prefs)
             if not again or again[0].must_live or (
                     again[0].excluded is not None and "outside scope" in again[0].excluded):
                 return give_up(f"{c.pid} {c.name!r} changed since it was ranked "
@@ -1251,8 +1260,8 @@ class Daemon:
             return give_up(f"{len(victims)} members left")
         look = scope.look(time.monotonic())
         if look.verdict.severity < Severity.TERM:
-            log.info("%spressure cleared before the kill (%s); %s spared", _prefix(scope),
-                     verdict.reason, family.label)
+            log.info("%spressure cleared before the kill (now: %s; was: %s); %s spared",
+                     _prefix(scope), look.verdict.reason, verdict.reason, family.label)
             for v in victims:
                 v.close()
             return True

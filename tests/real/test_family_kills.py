@@ -462,3 +462,58 @@ def test_explain_shows_the_family_its_size_its_growth_and_why(
         assert f"holds {pool.kids[3]} '{PREFIX}-w3', which must live" in line, line
     finally:
         pool.kill()
+
+
+class ExitsWhenPinned(TimedGuard):
+    """The guard, and one worker that loses its memory just as the daemon pins it: its
+    parent is stopped (so it stays a zombie, unreaped) and the worker SIGKILLed by the
+    test, then the pin goes through to the zombie."""
+
+    def __init__(self, guard: TimedGuard, pool: Pool, worker: int) -> None:
+        super().__init__(guard.rule, guard.gate)
+        self.pool, self.worker, self.done = pool, worker, False
+
+    def pidfd_open(self, pid: int, flags: int = 0) -> int:
+        if pid == self.worker and not self.done:
+            self.done = True
+            os.kill(self.pool.pid, signal.SIGSTOP)
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while procfs.read_stat(pid).state != "Z" and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return super().pidfd_open(pid, flags)
+
+
+def test_a_member_that_exits_as_it_is_pinned_does_not_save_the_family(
+        memcgs: list[MemoryCgroup]) -> None:  # noqa: F811
+    """One worker is gone (a zombie, no memory) by the time the daemon pins it for the
+    family kill: the rest of the family still dies whole, in one kill, and the zombie is
+    not signalled.  Before, the daemon gave the family up ("changed since it was ranked
+    (no longer a candidate)") and killed one worker per decision, while in the lab VM
+    the kernel OOM killer took the others."""
+    f = family_setup(memcgs, bystander=250 * MiB)
+    pool, idle = f.pool, f.idle
+    assert idle is not None
+    gone = pool.kids[5]
+    guard = ExitsWhenPinned(f.guard, pool, gone)
+    try:
+        def scenario(s: Scenario) -> None:
+            f.start(s)
+            s.wait(lambda: pool.proc.poll() is not None, 60, "the pool to die")
+            s.wait(lambda: not any(sc.inflight for sc in s.daemon.scopes.values()), 30,
+                   "the family's report")
+
+        run = run_guarded(f.cfg, scenario, guard, f.gate, [])
+        assert guard.done, "the family kill never pinned the worker"
+        assert idle.proc.poll() is None, "\n".join(run.log)
+        killed = [line for line in run.log if "killed family tree of" in line]
+        assert len(killed) == 1, "\n".join(run.log)
+        assert f"({len(pool.kids)} processes" in killed[0], killed[0]
+        signalled = {pid for pid, sig in guard.signalled() if sig == signal.SIGKILL}
+        assert signalled == {pool.pid, *pool.kids} - {gone}, "\n".join(run.log)
+        assert pool.alive() == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pool.pid, signal.SIGCONT)
+        pool.kill()
+        idle.kill()
